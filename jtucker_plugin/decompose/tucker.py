@@ -1,0 +1,379 @@
+"""Joint partial Tucker-2 of one layer across tasks (J-Tucker, METHODS.md section 1).
+
+The T tasks' kernels of one layer are stacked into X (T x S x C x kh x kw) and approximated as
+``W_t ~= G_t x1 U x2 V``: the factors U (S x R1) and V (C x R2) are shared by every task and
+have orthonormal columns, the cores G_t (R1 x R2 x kh x kw) are per task. The task and spatial
+modes are left whole, so this is a partial Tucker of X on its two channel modes, fitted by HOOI
+from the HOSVD. T = 1 is ordinary Tucker-2; linear and 1x1 layers are the case kh = kw = 1.
+
+How it is computed, and why:
+
+- Each factor update is the top eigenvectors of an S x S (or C x C) Gram matrix, by
+  ``torch.linalg.eigh``, instead of an SVD of an unfolding thousands of columns wide: the Gram
+  product is one large matmul, which runs near the machine's peak, and the eigensolver works on
+  a small dense matrix.
+- X is copied once into the layout (S, T, kh*kw, C). Both projections (``X x2 V^T`` and
+  ``X x1 U^T``), both Grams and the core are then single matmuls on contiguous views of it, with
+  no further copy of anything of X's size.
+- The first sweep updates U from V alone, so the HOSVD start of U is computed only when no sweep
+  runs (``n_iter_max=0``). The result is the same as HOOI from the full HOSVD; it saves the
+  most expensive product (``S^2 * T * C * kh * kw`` multiply-adds).
+- The fit needs no reconstruction: with orthonormal factors, ``||X||^2 - ||G||^2`` is the
+  squared error, and ``||G||^2`` is the sum of the R2 eigenvalues kept in the V update.
+- Precision: by default the work is done in the weights' own dtype (float32 for float16 and
+  bfloat16 weights). A float32 Gram squares the condition number of the unfolding, which blurs
+  eigenvalues below about 1e-7 of the largest; the kept subspace and the error are unaffected
+  at the ranks compression uses (the error matches tensorly's SVD-based ``partial_tucker``
+  within 1e-4 relative, see ``benchmarks/decompose_speed.py``), and float32 is several times
+  faster. Ask for ``dtype=torch.float64`` to resolve tiny errors (near-exact low-rank weights):
+  in float32, errors below about 3e-4 are rounding noise.
+- Deterministic: each eigenvector's sign is fixed so that its largest-magnitude entry is
+  positive; the same input gives bit-identical output on the same machine and thread count.
+
+Examples
+--------
+>>> import torch
+>>> weights = torch.randn(3, 64, 32, 3, 3, dtype=torch.float64)  # 3 tasks, one conv layer
+>>> jt = joint_tucker(weights, rank=(16, 8))
+>>> jt.U.shape, jt.V.shape, jt.cores.shape
+(torch.Size([64, 16]), torch.Size([32, 8]), torch.Size([3, 16, 8, 3, 3]))
+>>> jt.reconstruct().shape
+torch.Size([3, 64, 32, 3, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from jtucker_plugin.defaults import TUCKER_N_ITER_MAX, TUCKER_TOL
+
+__all__ = ["JointTucker", "joint_spectrum", "joint_tucker", "tucker2"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class JointTucker:
+    """One layer of T tasks as shared factors and per-task cores: ``W_t ~= G_t x1 U x2 V``.
+
+    Attributes
+    ----------
+    U : Tensor
+        S x R1, orthonormal columns, shared by every task (output channels).
+    V : Tensor
+        C x R2, orthonormal columns, shared by every task (input channels).
+    cores : Tensor
+        T x R1 x R2 x kh x kw, or T x R1 x R2 for 2-D weights: ``G_t = W_t x1 U^T x2 V^T``.
+    errors : Tensor
+        (T,) float64, relative reconstruction error ``||W_t - W^_t|| / ||W_t||`` of each task
+        (0 for an all-zero weight).
+    n_iter : int
+        HOOI sweeps performed after the HOSVD start.
+
+    Examples
+    --------
+    >>> import torch
+    >>> jt = tucker2(torch.eye(4, dtype=torch.float64), rank=4)
+    >>> torch.allclose(jt.reconstruct()[0], torch.eye(4, dtype=torch.float64))
+    True
+    """
+
+    U: Tensor
+    V: Tensor
+    cores: Tensor
+    errors: Tensor
+    n_iter: int = 0
+
+    def reconstruct(self) -> Tensor:
+        """Rebuild every task's weight, T x S x C (x kh x kw), in the dtype of the input weights."""
+        n_tasks, r1, r2 = self.cores.shape[:3]
+        spatial = tuple(self.cores.shape[3:])
+        taps = math.prod(spatial)
+        n_out, n_in = self.U.shape[0], self.V.shape[0]
+        # G x2 V first: it keeps the intermediate at R1 rows rather than S.
+        cores = self.cores.reshape(n_tasks, r1, r2, taps).transpose(2, 3)
+        partial = torch.matmul(cores, self.V.T)  # T x R1 x taps x C
+        full = torch.matmul(self.U, partial.reshape(n_tasks, r1, taps * n_in))
+        full = full.reshape(n_tasks, n_out, taps, n_in).transpose(2, 3)
+        return full.reshape(n_tasks, n_out, n_in, *spatial)
+
+
+def joint_spectrum(
+    weights: Tensor | Sequence[Tensor], *, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Eigenvalues of the stacked mode-1 and mode-2 Gram matrices of one layer, descending.
+
+    ``sum_t X_t(1) X_t(1)^T`` (length S) and ``sum_t X_t(2) X_t(2)^T`` (length C): the energy
+    each output / input direction carries over all tasks, which is what the rank strategies
+    (energy threshold, budget, VBMF) read. Both sum to ``sum_t ||W_t||^2``.
+
+    Parameters
+    ----------
+    weights : Tensor or sequence of Tensor
+        T x S x C x kh x kw or T x S x C, or a sequence of T weights S x C x kh x kw or S x C.
+    dtype : {None, torch.float32, torch.float64}
+        Precision of the Gram matrices; None uses the weights' dtype (float32 for half types).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(mode1, mode2)``, lengths S and C, in ``dtype``; the rounding noise of a
+        positive semi-definite matrix's zero eigenvalues is clipped to 0.
+
+    Raises
+    ------
+    ValueError
+        Empty, zero-sized, non-finite or differently shaped weights, or a wrong ``dtype``.
+    TypeError
+        Weights that are not floating-point tensors.
+    """
+    x, _ = _layout(*_stack_shape(weights), dtype)
+    n_out, n_in = x.shape[0], x.shape[-1]
+    rows, cols = x.view(-1, n_in), x.view(n_out, -1)
+    spectra = []
+    for gram in (cols @ cols.T, rows.T @ rows):
+        spectra.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0))
+    return spectra[0], spectra[1]
+
+
+def joint_tucker(
+    weights: Tensor | Sequence[Tensor],
+    rank: int | tuple[int, int],
+    *,
+    n_iter_max: int = TUCKER_N_ITER_MAX,
+    tol: float = TUCKER_TOL,
+    dtype: torch.dtype | None = None,
+) -> JointTucker:
+    """Joint partial Tucker-2 of one layer across T tasks, by HOOI from the HOSVD.
+
+    Minimises ``sum_t ||W_t - G_t x1 U x2 V||^2`` over shared orthonormal U (S x R1),
+    V (C x R2) and per-task cores G_t (R1 x R2 x kh x kw).
+
+    Parameters
+    ----------
+    weights : Tensor or sequence of Tensor
+        T x S x C x kh x kw (conv) or T x S x C (linear), or a sequence of T weights of one
+        shape, S x C x kh x kw or S x C.
+    rank : int or tuple of int
+        ``(R1, R2)``, each in [1, S] and [1, C]; an int is used for both modes.
+    n_iter_max : int
+        HOOI sweeps after the HOSVD start (each updates U, then V); 0 returns the HOSVD.
+    tol : float
+        Stop once the fit, ``1 - sum_t ||W_t - W^_t||^2 / sum_t ||W_t||^2`` (the share of the
+        energy kept), gains less than ``tol`` in a sweep; 0 always runs ``n_iter_max`` sweeps.
+    dtype : {None, torch.float32, torch.float64}
+        Precision of the computation; None uses the weights' dtype (float32 for half types).
+        The results are returned in the weights' dtype whatever this is.
+
+    Returns
+    -------
+    JointTucker
+        Shared ``U``, ``V``, per-task ``cores``, per-task relative ``errors``.
+
+    Raises
+    ------
+    ValueError
+        A rank outside [1, S] or [1, C], weights of the wrong ndim, of different shapes, empty
+        or non-finite, a negative ``n_iter_max`` or ``tol``, or a wrong ``dtype``.
+    TypeError
+        A rank that is not an int or a pair of ints, or weights that are not floating tensors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> U, _ = torch.linalg.qr(torch.randn(32, 8, generator=g, dtype=torch.float64))
+    >>> V, _ = torch.linalg.qr(torch.randn(24, 6, generator=g, dtype=torch.float64))
+    >>> cores = torch.randn(3, 8, 6, 3, 3, generator=g, dtype=torch.float64)
+    >>> weights = JointTucker(U, V, cores, torch.zeros(3)).reconstruct()
+    >>> bool(joint_tucker(weights, rank=(8, 6)).errors.max() < 1e-10)
+    True
+    """
+    tasks, shape = _stack_shape(weights)
+    r1, r2 = _check_rank(rank, shape[1], shape[2])
+    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
+        raise ValueError(f"n_iter_max: expected an int >= 0; got {n_iter_max!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ValueError(f"tol: expected a finite number >= 0; got {tol!r}")
+    x, weight_sq = _layout(tasks, shape, dtype)
+    n_out, n_tasks, taps, n_in = x.shape
+
+    # Two views of one buffer: rows is X(2)^T (S*T*taps x C), cols is X(1) (S x T*taps*C).
+    rows, cols = x.view(-1, n_in), x.view(n_out, -1)
+    total = float(weight_sq.sum())
+    V, _ = _top_eigenvectors(rows.T @ rows, r2)
+    U = _top_eigenvectors(cols @ cols.T, r1)[0] if n_iter_max == 0 else None
+    previous = -math.inf
+    n_iter = 0
+    while n_iter < n_iter_max:
+        n_iter += 1
+        projected = (rows @ V).view(n_out, -1)  # X x2 V^T, mode-1 unfolding
+        U, _ = _top_eigenvectors(projected @ projected.T, r1)
+        projected = (U.T @ cols).view(-1, n_in)  # X x1 U^T, mode-2 unfolding
+        V, kept = _top_eigenvectors(projected.T @ projected, r2)
+        # The fit (energy kept, 1 - error^2) rather than the error: near an exact fit the
+        # error is the square root of rounding noise and would never settle below tol.
+        fit = float(kept.sum()) / total if total > 0 else 1.0
+        if fit - previous < tol:
+            break
+        previous = fit
+    if n_iter == 0:
+        projected = (U.T @ cols).view(-1, n_in)
+    cores = (projected @ V).view(r1, n_tasks, taps, r2).permute(1, 0, 3, 2)
+    core_sq = cores.square().sum(dim=(1, 2, 3), dtype=torch.float64)
+    errors = (weight_sq - core_sq).clamp_min(0).sqrt() / weight_sq.sqrt()
+    errors = torch.where(weight_sq > 0, errors, torch.zeros_like(errors))
+    cores = cores.reshape(n_tasks, r1, r2, *shape[3:])
+    out = tasks[0].dtype
+    return JointTucker(
+        U=U.to(out),
+        V=V.to(out),
+        cores=cores.to(out),
+        errors=errors,
+        n_iter=n_iter,
+    )
+
+
+def tucker2(weight: Tensor, rank: int | tuple[int, int], **kw) -> JointTucker:
+    """Tucker-2 of one task's weight: :func:`joint_tucker` with T = 1.
+
+    Parameters
+    ----------
+    weight : Tensor
+        S x C x kh x kw (conv) or S x C (linear).
+    rank : int or tuple of int
+        ``(R1, R2)``; an int is used for both modes.
+    **kw
+        ``n_iter_max``, ``tol``, ``dtype``, as in :func:`joint_tucker`.
+
+    Returns
+    -------
+    JointTucker
+        With ``cores`` of shape 1 x R1 x R2 (x kh x kw) and ``errors`` of shape (1,).
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`joint_tucker`, and for a weight that is not 2-D or 4-D.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight: expected a Tensor; got {type(weight).__name__}")
+    if weight.ndim not in (2, 4):
+        raise ValueError(
+            f"weight: expected S x C x kh x kw (4-D) or S x C (2-D); got a {weight.ndim}-D "
+            f"tensor of shape {tuple(weight.shape)}"
+        )
+    return joint_tucker(weight.unsqueeze(0), rank, **kw)
+
+
+def _stack_shape(weights: Tensor | Sequence[Tensor]) -> tuple[list[Tensor], tuple[int, ...]]:
+    """Check the weights and return them per task with their stacked shape (T, S, C, ...)."""
+    if isinstance(weights, Tensor):
+        if weights.ndim not in (3, 5):
+            raise ValueError(
+                "weights: expected T x S x C x kh x kw (5-D) or T x S x C (3-D); got a "
+                f"{weights.ndim}-D tensor of shape {tuple(weights.shape)}. For one task's "
+                "weight use tucker2, or pass a list of weights."
+            )
+        tasks = list(weights.unbind(0))
+    elif isinstance(weights, Sequence) and not isinstance(weights, str):
+        tasks = list(weights)
+        if not tasks:
+            raise ValueError("weights: got an empty sequence; expected at least one task's weight")
+        for t, w in enumerate(tasks):
+            if not isinstance(w, Tensor):
+                raise TypeError(f"weights[{t}]: expected a Tensor; got {type(w).__name__}")
+            if w.ndim not in (2, 4):
+                raise ValueError(
+                    f"weights[{t}]: expected S x C x kh x kw (4-D) or S x C (2-D); got a "
+                    f"{w.ndim}-D tensor of shape {tuple(w.shape)}"
+                )
+            if w.shape != tasks[0].shape:
+                raise ValueError(
+                    f"weights[{t}] has shape {tuple(w.shape)} but weights[0] has shape "
+                    f"{tuple(tasks[0].shape)}: every task's weight must have the same shape"
+                )
+    else:
+        raise TypeError(
+            f"weights: expected a Tensor or a sequence of Tensors; got {type(weights).__name__}"
+        )
+    shape = (len(tasks), *tasks[0].shape)
+    if 0 in shape:
+        raise ValueError(f"weights: got shape {shape}, which has a zero-sized dimension")
+    if not tasks[0].is_floating_point() or any(w.dtype != tasks[0].dtype for w in tasks):
+        raise TypeError(
+            "weights: expected floating-point tensors of one dtype; got "
+            f"{sorted({str(w.dtype) for w in tasks})}"
+        )
+    return tasks, shape
+
+
+def _layout(
+    tasks: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Copy the weights once into the working layout (S, T, kh*kw, C), in the compute dtype.
+
+    Returns the copy and each task's squared norm in float64.
+    """
+    if dtype is None:
+        dtype = tasks[0].dtype if tasks[0].dtype in _COMPUTE_DTYPES else torch.float32
+    elif dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected None, torch.float32 or torch.float64; got {dtype}")
+    n_out, n_in = shape[1], shape[2]
+    x = torch.empty((n_out, len(tasks), math.prod(shape[3:]), n_in), dtype=dtype)
+    for t, w in enumerate(tasks):
+        x[:, t].copy_(w.reshape(n_out, n_in, -1).transpose(1, 2))
+    # A cascade sum of squares: accurate to ~1e-7 in float32, where torch.linalg.vector_norm
+    # over several dims loses ~1e-3. NaN and inf propagate, so this is also the finiteness check.
+    weight_sq = x.square().sum(dim=(0, 2, 3)).double()
+    for t, w in enumerate(tasks):
+        if not math.isfinite(weight_sq[t]):
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(
+                f"weights: task {t} has {bad} non-finite entries (NaN or inf) out of {w.numel()}"
+                + ("" if bad else f" but its squared norm overflows {dtype}")
+                + "; the decomposition needs finite weights"
+            )
+    return x, weight_sq
+
+
+def _check_rank(rank: int | tuple[int, int], n_out: int, n_in: int) -> tuple[int, int]:
+    """Return ``(R1, R2)`` after checking each is an int in [1, S] and [1, C]."""
+    pair = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    if not isinstance(pair, Sequence) or isinstance(pair, str):
+        raise TypeError(
+            f"rank: expected an int or a pair of ints (R1, R2); got {rank!r} "
+            f"({type(rank).__name__})"
+        )
+    if len(pair) != 2:
+        raise ValueError(
+            f"rank: expected a pair (R1, R2); got {tuple(pair)!r} of length {len(pair)}"
+        )
+    checked = []
+    for name, r, full, what in (("R1", pair[0], n_out, "S"), ("R2", pair[1], n_in, "C")):
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"rank: {name} must be an int; got {r!r} ({type(r).__name__})")
+        if not 1 <= r <= full:
+            direction = "output" if what == "S" else "input"
+            raise ValueError(
+                f"rank: {name}={r} is outside [1, {full}] for a weight with {what}={full} "
+                f"{direction} channels"
+            )
+        checked.append(r)
+    return checked[0], checked[1]
+
+
+def _top_eigenvectors(gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The r leading eigenvectors (columns, sign-fixed) and eigenvalues of a symmetric matrix."""
+    values, vectors = torch.linalg.eigh(gram)  # ascending; reads the lower triangle only
+    values = values[-r:].flip(0)
+    vectors = vectors[:, -r:].flip(1)
+    # Eigenvectors are defined up to sign: make each one's largest-magnitude entry positive.
+    lead = vectors.abs().argmax(dim=0)
+    signs = vectors.gather(0, lead.unsqueeze(0)).sign()
+    return (vectors * signs).contiguous(), values

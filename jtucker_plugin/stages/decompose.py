@@ -1,0 +1,84 @@
+"""Stages ``jtucker`` (joint Tucker across tasks) and ``tucker`` (each task alone)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jtucker_plugin import defaults
+from jtucker_plugin.data import ArrayDataset
+from jtucker_plugin.decompose.apply import decompose_bundle
+from jtucker_plugin.decompose.ranks import rank_config_from_dict, select_ranks
+from jtucker_plugin.multitask import Bundle
+from jtucker_plugin.recipe.registry import register_stage
+from jtucker_plugin.recipe.stage import StageContext, StageResult
+from jtucker_plugin.train import evaluate
+
+
+@dataclass(frozen=True)
+class TuckerConfig:
+    """Which layers to decompose and how their ranks are chosen."""
+
+    # ranks: a rank strategy, e.g. {strategy: budget, budget: {params: 0.3}}
+    ranks: Any = field(default_factory=lambda: {"strategy": "energy", "energy": 0.9})
+    # layers: fnmatch patterns over module paths; heads and grouped convs always stay dense
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    min_params: int = defaults.DECOMPOSE_MIN_PARAMS
+    # decomposition
+    n_iter_max: int | None = None
+    tol: float | None = None
+    # rank strategies that evaluate candidates (ga) score them on this many samples per task
+    calibration_samples: int = defaults.CALIBRATION_SAMPLES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, dict):
+            object.__setattr__(self, "ranks", rank_config_from_dict(self.ranks, "ranks"))
+        if self.min_params < 0:
+            raise ValueError(f"min_params: expected an integer >= 0, got {self.min_params}")
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples: expected an integer >= 1, got {self.calibration_samples}")
+
+
+def _calibration_accuracy(ctx: StageContext, samples: int):
+    """Mean accuracy over tasks on a fixed calibration subset (validation split, else train)."""
+    subsets: dict[str, ArrayDataset] = {}
+
+    def score(bundle: Bundle) -> float:
+        accs = []
+        for task, model in bundle.models.items():
+            if task not in subsets:
+                data = ctx.data(task)
+                source = data.val if data.val is not None else data.train
+                n = min(samples, len(source))
+                subsets[task] = ArrayDataset(source.images[:n], source.labels[:n], source.mean, source.std)
+            accs.append(evaluate(model, subsets[task])["accuracy"])
+        return sum(accs) / len(accs)
+
+    return score
+
+
+def _decompose(bundle: Bundle, config: TuckerConfig, ctx: StageContext, *, joint: bool, stage: str) -> StageResult:
+    def select(infos, evaluate_ranks):
+        return select_ranks(config.ranks, infos, evaluate=evaluate_ranks, seed=ctx.seed)
+
+    before = bundle.unique_parameters()
+    result = decompose_bundle(
+        bundle, select, joint=joint, include=config.layers, exclude=config.exclude,
+        min_params=config.min_params, evaluate=_calibration_accuracy(ctx, config.calibration_samples),
+        n_iter_max=config.n_iter_max, tol=config.tol, stage=stage,
+    )
+    ctx.log(f"{stage}: {len(result['layers'])} layers, unique parameters {before} -> {bundle.unique_parameters()}")
+    return StageResult(bundle, {stage: result, "bundle": {"unique_parameters": bundle.unique_parameters()}})
+
+
+@register_stage("jtucker", config=TuckerConfig)
+def jtucker(bundle: Bundle, config: TuckerConfig, ctx: StageContext) -> StageResult:
+    """J-Tucker: shared factor matrices for all tasks, a core per task, ranks chosen jointly."""
+    return _decompose(bundle, config, ctx, joint=True, stage="jtucker")
+
+
+@register_stage("tucker", config=TuckerConfig)
+def tucker(bundle: Bundle, config: TuckerConfig, ctx: StageContext) -> StageResult:
+    """Tucker-2 of each task model on its own (the individual baseline)."""
+    return _decompose(bundle, config, ctx, joint=False, stage="tucker")

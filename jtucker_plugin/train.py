@@ -1,0 +1,167 @@
+"""Training and evaluation of task models, one task at a time or all tasks jointly.
+
+Joint training interleaves the tasks: each optimiser step sums one batch's loss from every task,
+so a parameter shared by several task models (a J-Tucker factor, a shared dense weight) gets the
+gradients of all of them, while per-task parts (cores, batch norm, heads) get only their own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from jtucker_plugin.data import ArrayDataset, TaskData, iterate_batches
+
+Progress = Callable[..., Iterable]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to train: the shared parameters of ``train`` and ``finetune``."""
+
+    # length
+    epochs: int = 1
+    max_batches: int | None = None  # per epoch and task; caps quick runs
+    batch_size: int = 64
+    # optimiser: SGD with momentum
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = 0.0
+    # tasks
+    joint: bool = False  # interleave all tasks' batches in each step
+    tasks: list[str] | None = None  # default: all
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs: expected an integer >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a number > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches: expected an integer >= 1, got {self.max_batches}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing: expected a number in [0, 1), got {self.label_smoothing}")
+
+
+def unique_parameters(models: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Trainable parameters of several models, each shared one once."""
+    seen, out = set(), []
+    for model in models:
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _steps_per_epoch(datasets: Iterable[ArrayDataset], config: FitConfig) -> int:
+    steps = max(math.ceil(len(d) / config.batch_size) for d in datasets)
+    return min(steps, config.max_batches) if config.max_batches else steps
+
+
+def _endless(dataset: ArrayDataset, config: FitConfig, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from iterate_batches(
+            dataset, config.batch_size, shuffle=True, augment=True, seed=seed * 100_003 + epoch
+        )
+        epoch += 1
+
+
+def fit(
+    models: dict[str, nn.Module],
+    data: dict[str, TaskData],
+    config: FitConfig,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Train task models in place; returns each task's mean loss over the last epoch.
+
+    Parameters
+    ----------
+    models, data
+        Task name -> model / its data; ``config.tasks`` (default: all of ``models``) are trained.
+    config
+        Length, optimiser and whether tasks are trained jointly.
+    seed
+        Drives shuffling and augmentation; the same seed gives the same updates.
+    progress
+        ``progress(iterable, total=..., desc=...)``, e.g. ``tqdm``; ``None`` for silence.
+
+    Raises
+    ------
+    KeyError
+        If ``config.tasks`` names a task that is not in ``models``.
+    """
+    tasks = list(config.tasks or models)
+    for t in tasks:
+        if t not in models:
+            raise KeyError(f"tasks: unknown task {t!r}; the bundle has {', '.join(models)}")
+    groups = [tasks] if config.joint else [[t] for t in tasks]
+    losses: dict[str, float] = {}
+    for group in groups:
+        losses.update(_fit_group({t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress))
+    return losses
+
+
+def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
+    params = unique_parameters(models.values())
+    steps = _steps_per_epoch((d.train for d in data.values()), config)
+    total = steps * config.epochs
+    if total == 0 or not params:
+        return {}
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if config.schedule == "cosine" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    streams = {t: _endless(d.train, config, seed + i) for i, (t, d) in enumerate(data.items())}
+    for m in models.values():
+        m.train()
+    desc = "joint" if len(models) > 1 else next(iter(models))
+    steps_iter: Iterable[int] = range(total)
+    if progress is not None:
+        steps_iter = progress(steps_iter, total=total, desc=f"fit {desc}")
+    sums = dict.fromkeys(models, 0.0)
+    for step in steps_iter:
+        if step % steps == 0:
+            sums = dict.fromkeys(models, 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        for t, model in models.items():
+            x, y = next(streams[t])
+            loss = criterion(model(x), y)
+            loss.backward()
+            sums[t] += loss.item()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return {t: s / steps for t, s in sums.items()}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, dataset: ArrayDataset, *, batch_size: int = 256, progress: Progress | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    batches: Iterable = iterate_batches(dataset, batch_size)
+    if progress is not None:
+        batches = progress(batches, total=math.ceil(len(dataset) / batch_size), desc="evaluate")
+    for x, y in batches:
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    return {"accuracy": correct / n, "loss": loss / n}
