@@ -483,13 +483,9 @@ def _crop_and_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     rows = dy[:, None] + torch.arange(h)
     cols = torch.arange(w)
     cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)
-    # One gather does crop and flip for the whole batch.
-    return padded[
-        torch.arange(n)[:, None, None, None],
-        torch.arange(c)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
+    # One gather on the flattened padded images does crop and flip for the whole batch.
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w)
+    return padded.view(n, c, -1).gather(2, flat.expand(n, c, h * w)).view(n, c, h, w)
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -803,20 +799,9 @@ def _imagefolder(path: Path, cache: Path) -> _Source:
 
 
 def _folder_split(split_dir: Path, names: list[str], cache: Path) -> _Split:
-    files: list[list[Path]] = []
-    keys: list[str] = []
-    for name in names:
-        class_files, digest = [], hashlib.sha256(f"v1\0{split_dir / name}".encode())
-        for dirpath, dirnames, filenames in os.walk(split_dir / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if not fname.startswith(".") and fname.lower().endswith(_IMAGE_EXTENSIONS):
-                    file = Path(dirpath, fname)
-                    st = file.stat()
-                    digest.update(f"\0{file}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-                    class_files.append(file)
-        files.append(class_files)
-        keys.append(digest.hexdigest()[:32])
+    listed = [_list_class(str(split_dir / name)) for name in names]
+    files = [class_files for class_files, _ in listed]
+    keys = [key for _, key in listed]
     labels = np.concatenate(
         [np.full(len(f), i, dtype=np.int64) for i, f in enumerate(files)] or [[]]
     )
@@ -834,7 +819,22 @@ def _folder_split(split_dir: Path, names: list[str], cache: Path) -> _Split:
     return _Split(labels.astype(np.int64), read)
 
 
-def _read_class(files: list[Path], local: np.ndarray, cached: Path) -> list[np.ndarray]:
+def _list_class(class_dir: str) -> tuple[list[str], str]:
+    """The image files under ``class_dir`` in sorted order, and a key that changes when any of
+    them is added, removed or modified (for the decoded cache)."""
+    files, digest = [], hashlib.sha256(f"v1\0{class_dir}".encode())
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(_IMAGE_EXTENSIONS):
+                file = os.path.join(dirpath, name)
+                st = os.stat(file)
+                digest.update(f"\0{file}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+                files.append(file)
+    return files, digest.hexdigest()[:32]
+
+
+def _read_class(files: list[str], local: np.ndarray, cached: Path) -> list[np.ndarray]:
     """The images ``files[local]``: from the class's decoded cache if there is one, else decoded,
     caching the whole class when all of it is read and its images share one shape."""
     if cached.exists():
@@ -853,7 +853,7 @@ def _read_class(files: list[Path], local: np.ndarray, cached: Path) -> list[np.n
     return [stacked]
 
 
-def _decode(file: Path) -> np.ndarray:
+def _decode(file: str) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -882,13 +882,13 @@ def _extract(tarball: Path, cache: Path) -> Path:
         try:
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
-        except tarfile.ReadError as err:
-            raise ValueError(
-                f"path: {tarball} is neither a folder nor a readable tar archive: {err}"
-            ) from None
         except tarfile.FilterError as err:
             raise ValueError(
                 f"path: {tarball} has an unsafe member, not extracted: {err}"
+            ) from None
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile) as err:
+            raise ValueError(
+                f"path: {tarball} is neither a folder nor a complete tar archive: {err}"
             ) from None
         try:
             os.rename(tmp, final)

