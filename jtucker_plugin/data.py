@@ -252,13 +252,11 @@ class ArrayDataset(torch.utils.data.Dataset):
             raise TypeError(
                 f"images: expected a uint8 tensor N x C x H x W, got {_describe(images)}"
             )
-        if (
-            not isinstance(labels, Tensor)
-            or labels.dtype != torch.int64
-            or labels.shape != images.shape[:1]
-        ):
-            raise TypeError(
-                f"labels: expected an int64 tensor of length {len(images)}, got {_describe(labels)}"
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
+            raise TypeError(f"labels: expected an int64 tensor, got {_describe(labels)}")
+        if len(labels) != len(images):
+            raise ValueError(
+                f"labels: expected {len(images)} labels, one per image, got {len(labels)}"
             )
         channels = images.shape[1]
         if len(mean) != channels or len(std) != channels:
@@ -715,8 +713,11 @@ def _idx_file(path: Path) -> Path:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise ValueError(f"root: cannot read {path}: {err}") from None
     # Magic: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
         raise ValueError(f"root: {path} is not an IDX file of unsigned bytes")
@@ -858,7 +859,7 @@ def _decode(file: str) -> np.ndarray:
 
     try:
         with Image.open(file) as image:
-            array = np.asarray(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
+            array = np.array(image.convert("L" if image.mode in _GREY_MODES else "RGB"))
     except OSError as err:
         raise ValueError(f"path: cannot decode image {file}: {err}") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -203,9 +203,13 @@ def decompose_bundle(
     """
     layers, skipped = find_layers(bundle.models, include=include, exclude=exclude, min_params=min_params)
     if not layers:
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in skipped.items():
+            by_reason.setdefault(reason, []).append(name)
         raise ValueError(
-            f"{stage}: no layer to decompose; kept dense: "
-            + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6])
+            f"{stage}: no layer to decompose (layers={list(include)}, exclude={list(exclude)}); kept dense: "
+            + "; ".join(f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({reason})"
+                        for reason, names in by_reason.items())
         )
     groups = [bundle.tasks] if joint else [[t] for t in bundle.tasks]
     rows: dict[str, Any] = {}

@@ -104,7 +104,7 @@ class TuckerConv2d(nn.Module):
         layer = cls(
             conv.in_channels, conv.out_channels, (U.shape[1], V.shape[1]), conv.kernel_size,
             conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None,
-        )
+        ).to(conv.weight.dtype)
         dtype = conv.weight.dtype
         with torch.no_grad():
             layer.core.weight.copy_(core.to(dtype))
@@ -127,13 +127,13 @@ class TuckerConv2d(nn.Module):
         weight = torch.einsum("sa,abhw,cb->schw", U, self.core.weight, V)
         conv = nn.Conv2d(
             V.shape[0], U.shape[0], self.core.kernel_size, self.core.stride, self.core.padding,
-            self.core.dilation, bias=self.bias is not None,
+            self.core.dilation, bias=self.bias is not None, dtype=weight.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv.to(weight.dtype)
+        return conv
 
 
 @register_layer
@@ -176,7 +176,9 @@ class FactorizedLinear(nn.Module):
         out_proj: nn.Linear | None = None,
     ) -> FactorizedLinear:
         """The layer replacing ``linear``: U (S x R1), core (R1 x R2), V (C x R2)."""
-        layer = cls(linear.in_features, linear.out_features, (U.shape[1], V.shape[1]), bias=linear.bias is not None)
+        layer = cls(
+            linear.in_features, linear.out_features, (U.shape[1], V.shape[1]), bias=linear.bias is not None
+        ).to(linear.weight.dtype)
         dtype = linear.weight.dtype
         with torch.no_grad():
             layer.core.weight.copy_(core.reshape(U.shape[1], V.shape[1]).to(dtype))
@@ -195,9 +197,9 @@ class FactorizedLinear(nn.Module):
     def to_dense(self) -> nn.Linear:
         """The equivalent dense linear layer."""
         weight = self.out_proj.weight @ self.core.weight @ self.in_proj.weight
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None, dtype=weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear.to(weight.dtype)
+        return linear

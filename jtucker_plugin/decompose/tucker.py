@@ -220,7 +220,7 @@ def joint_tucker(
         # The fit (energy kept, 1 - error^2) rather than the error: near an exact fit the
         # error is the square root of rounding noise and would never settle below tol.
         fit = float(kept.sum()) / total if total > 0 else 1.0
-        if fit - previous < tol:
+        if tol > 0 and fit - previous < tol:
             break
         previous = fit
     if n_iter == 0:
@@ -282,6 +282,10 @@ def _stack_shape(weights: Tensor | Sequence[Tensor]) -> tuple[list[Tensor], tupl
                 "weight use tucker2, or pass a list of weights."
             )
         tasks = list(weights.unbind(0))
+        if not tasks:
+            raise ValueError(
+                f"weights: got shape {tuple(weights.shape)}, which has a zero-sized dimension"
+            )
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
         tasks = list(weights)
         if not tasks:
