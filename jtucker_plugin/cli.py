@@ -48,13 +48,17 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     s = info["summary"]
-    print(f"bundle {args.bundle}: {len(info['tasks'])} tasks, {s['unique_parameters']:,} unique parameters "
-          f"({s['compression_ratio']:.2f}x against {s['dense_parameters']:,} dense), {info['bytes']:,} bytes")
+    print(
+        f"bundle {args.bundle}: {len(info['tasks'])} tasks, {s['unique_parameters']:,} unique parameters "
+        f"({s['compression_ratio']:.2f}x against {s['dense_parameters']:,} dense), {info['bytes']:,} bytes"
+    )
     for task, t in info["tasks"].items():
         layers = ", ".join(f"{n} {k}" for k, n in t["layer_types"].items())
         print(f"  {task}: {t['arch']}, {t['num_classes']} classes, {t['parameters']:,} parameters; {layers}")
-    print(f"  shared: {len(info['shared_modules'])} modules, {info['shared_tensors']} tensors "
-          f"({info['shared_parameters']:,} parameters)")
+    print(
+        f"  shared: {len(info['shared_modules'])} modules, {info['shared_tensors']} tensors "
+        f"({info['shared_parameters']:,} parameters)"
+    )
     print("  history: " + (", ".join(f"{k} x{v}" for k, v in info["history"].items()) or "none"))
     print("  provenance: " + ", ".join(f"{k}={v}" for k, v in info["provenance"].items()))
     return 0
@@ -86,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
     )
     from jtucker_plugin.recipe.schema import ConfigError
 

@@ -846,8 +846,10 @@ def _read_class(files: list[str], local: np.ndarray, cached: Path) -> list[np.nd
         if array is not None and array.ndim == 4 and len(array) == len(files):
             return [np.array(array[local])]
     images = [_decode(files[i]) for i in local]
-    if len({im.shape for im in images}) > 1:
+    if len({im.shape[1:] for im in images}) > 1:
         return [im[None] for im in images]
+    if len({im.shape[0] for im in images}) > 1:  # a few grey JPEGs among colour ones
+        images = [np.repeat(im, 3, axis=0) if len(im) == 1 else im for im in images]
     stacked = np.stack(images)
     if len(local) == len(files):
         _save_npy(cached, stacked)

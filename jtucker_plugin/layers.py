@@ -146,9 +146,11 @@ register_layer(nn.Identity, config=lambda m: {})
 
 def same_structure(module: nn.Module, type_name: str, config: dict[str, Any]) -> bool:
     """Whether ``module`` already is a ``type_name`` built from ``config``."""
-    return type(module).__name__ == type_name and is_registered(module) and _normalise(
-        layer_config(module)
-    ) == _normalise(config)
+    return (
+        type(module).__name__ == type_name
+        and is_registered(module)
+        and _normalise(layer_config(module)) == _normalise(config)
+    )
 
 
 def _normalise(value: Any) -> Any:

@@ -23,9 +23,9 @@ Examples
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
 import platform
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,8 +97,7 @@ class Bundle:
             raise ValueError("a bundle needs at least one task model")
         if set(self.models) != set(self.info):
             raise ValueError(
-                f"models and info must name the same tasks; got {sorted(self.models)} and "
-                f"{sorted(self.info)}"
+                f"models and info must name the same tasks; got {sorted(self.models)} and {sorted(self.info)}"
             )
 
     @property

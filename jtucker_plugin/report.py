@@ -164,7 +164,10 @@ class Report:
         from rich.console import Console
         from rich.table import Table
 
-        console = console or Console()
+        if console is None:
+            console = Console()
+            if not console.is_terminal:  # logs and pipes: no 80-column wrapping of the tables
+                console = Console(width=160)
         for title, (header, rows) in self._sections():
             if not rows:
                 continue

@@ -67,7 +67,9 @@ def _steps_per_epoch(datasets: Iterable[ArrayDataset], config: FitConfig) -> int
     return min(steps, config.max_batches) if config.max_batches else steps
 
 
-def _endless(dataset: ArrayDataset, config: FitConfig, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _endless(
+    dataset: ArrayDataset, config: FitConfig, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     epoch = 0
     while True:
         yield from iterate_batches(
@@ -109,7 +111,9 @@ def fit(
     groups = [tasks] if config.joint else [[t] for t in tasks]
     losses: dict[str, float] = {}
     for group in groups:
-        losses.update(_fit_group({t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress))
+        losses.update(
+            _fit_group({t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress)
+        )
     return losses
 
 
@@ -119,8 +123,12 @@ def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
     total = steps * config.epochs
     if total == 0 or not params:
         return {}
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if config.schedule == "cosine" else None
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if config.schedule == "cosine" else None
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     streams = {t: _endless(d.train, config, seed + i) for i, (t, d) in enumerate(data.items())}
     for m in models.values():
@@ -147,7 +155,11 @@ def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, dataset: ArrayDataset, *, batch_size: int = 256, progress: Progress | None = None
+    model: nn.Module,
+    dataset: ArrayDataset,
+    *,
+    batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``dataset``."""
     was_training = model.training

@@ -38,8 +38,11 @@ def _bundle(n_tasks: int = 3) -> Bundle:
         conv = models[t].get_submodule("layer1.0.conv1")
         U, V = torch.linalg.qr(torch.randn(16, 6))[0], torch.linalg.qr(torch.randn(16, 5))[0]
         core = torch.randn(6, 5, 3, 3)
-        layer = TuckerConv2d.from_factors(conv, U, core, V) if first is None else TuckerConv2d.from_factors(
-            conv, U, core, V, in_proj=first.in_proj, out_proj=first.out_proj)
+        layer = (
+            TuckerConv2d.from_factors(conv, U, core, V)
+            if first is None
+            else TuckerConv2d.from_factors(conv, U, core, V, in_proj=first.in_proj, out_proj=first.out_proj)
+        )
         first = first or layer
         models[t].set_submodule("layer1.0.conv1", layer)
     # Parameter-level sharing (a shared dense weight with per-task deltas) inside the head.
@@ -49,8 +52,10 @@ def _bundle(n_tasks: int = 3) -> Bundle:
         extra.shared = shared
         extra.delta.data.normal_()
         models[t].extra = extra
-    info = {t: TaskInfo(arch="resnet8", num_classes=4 + i, input_shape=(3, 32, 32), dense_parameters=78_000)
-            for i, t in enumerate(tasks)}
+    info = {
+        t: TaskInfo(arch="resnet8", num_classes=4 + i, input_shape=(3, 32, 32), dense_parameters=78_000)
+        for i, t in enumerate(tasks)
+    }
     return Bundle(models, info, history=[{"stage": "test"}], provenance={"seed": 0})
 
 
@@ -80,12 +85,20 @@ def test_shared_tensors_stored_once(tmp_path):
     bundle.save(tmp_path / "b")
     stored = load_file(str(tmp_path / "b" / TENSORS))
     shared = [k for k in stored if k.startswith("shared/")]
-    assert sorted(shared) == ["shared/t0/extra.shared", "shared/t0/layer1.0.conv1.in_proj.weight",
-                              "shared/t0/layer1.0.conv1.out_proj.weight"]
-    stored_numel = sum(v.numel() for k, v in stored.items() if v.is_floating_point()
-                       and not k.endswith(("running_mean", "running_var")))
+    assert sorted(shared) == [
+        "shared/t0/extra.shared",
+        "shared/t0/layer1.0.conv1.in_proj.weight",
+        "shared/t0/layer1.0.conv1.out_proj.weight",
+    ]
+    stored_numel = sum(
+        v.numel()
+        for k, v in stored.items()
+        if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))
+    )
     assert stored_numel == bundle.unique_parameters()
-    assert bundle.unique_parameters() < sum(sum(p.numel() for p in m.parameters()) for m in bundle.models.values())
+    assert bundle.unique_parameters() < sum(
+        sum(p.numel() for p in m.parameters()) for m in bundle.models.values()
+    )
 
 
 def test_save_is_atomic_and_replaces_only_when_complete(tmp_path):
@@ -99,7 +112,9 @@ def test_save_is_atomic_and_replaces_only_when_complete(tmp_path):
             self.w = nn.Parameter(torch.ones(3))
 
     bundle.models["t1"].layer1[0].bn1 = Unsaveable()
-    with pytest.raises(TypeError, match=r"task 't1': cannot save .*register the module types \['Unsaveable'\]"):
+    with pytest.raises(
+        TypeError, match=r"task 't1': cannot save .*register the module types \['Unsaveable'\]"
+    ):
         bundle.save(path)
     assert (path / TENSORS).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

@@ -46,7 +46,9 @@ class TuckerConv2d(nn.Module):
         super().__init__()
         r1, r2 = (int(r) for r in ranks)
         self.in_proj = nn.Conv2d(in_channels, r2, 1, bias=False)
-        self.core = nn.Conv2d(r2, r1, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bias=False)
+        self.core = nn.Conv2d(
+            r2, r1, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bias=False
+        )
         self.out_proj = nn.Conv2d(r1, out_channels, 1, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
@@ -102,8 +104,14 @@ class TuckerConv2d(nn.Module):
                 f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
             )
         layer = cls(
-            conv.in_channels, conv.out_channels, (U.shape[1], V.shape[1]), conv.kernel_size,
-            conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None,
+            conv.in_channels,
+            conv.out_channels,
+            (U.shape[1], V.shape[1]),
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bias=conv.bias is not None,
         ).to(conv.weight.dtype)
         dtype = conv.weight.dtype
         with torch.no_grad():
@@ -126,8 +134,14 @@ class TuckerConv2d(nn.Module):
         V = self.in_proj.weight[:, :, 0, 0].T
         weight = torch.einsum("sa,abhw,cb->schw", U, self.core.weight, V)
         conv = nn.Conv2d(
-            V.shape[0], U.shape[0], self.core.kernel_size, self.core.stride, self.core.padding,
-            self.core.dilation, bias=self.bias is not None, dtype=weight.dtype,
+            V.shape[0],
+            U.shape[0],
+            self.core.kernel_size,
+            self.core.stride,
+            self.core.padding,
+            self.core.dilation,
+            bias=self.bias is not None,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(weight)
@@ -140,7 +154,13 @@ class TuckerConv2d(nn.Module):
 class FactorizedLinear(nn.Module):
     """A linear layer factorized as ``out_proj(core(in_proj(x)))`` = U G V^T x, plus the bias."""
 
-    def __init__(self, in_features: int, out_features: int, ranks: tuple[int, int] | list[int], bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranks: tuple[int, int] | list[int],
+        bias: bool = True,
+    ):
         super().__init__()
         r1, r2 = (int(r) for r in ranks)
         self.in_proj = nn.Linear(in_features, r2, bias=False)
@@ -177,7 +197,10 @@ class FactorizedLinear(nn.Module):
     ) -> FactorizedLinear:
         """The layer replacing ``linear``: U (S x R1), core (R1 x R2), V (C x R2)."""
         layer = cls(
-            linear.in_features, linear.out_features, (U.shape[1], V.shape[1]), bias=linear.bias is not None
+            linear.in_features,
+            linear.out_features,
+            (U.shape[1], V.shape[1]),
+            bias=linear.bias is not None,
         ).to(linear.weight.dtype)
         dtype = linear.weight.dtype
         with torch.no_grad():

@@ -352,8 +352,8 @@ def select_ranks(
     """
     layers = list(layers)
     names = [layer.name for layer in layers]
-    layers_by_name = set(names)
-    if len(layers_by_name) != len(names):
+    known = set(names)
+    if len(known) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"layer names must be unique, got duplicates {dupes}")
     strategy = config if callable(config) else get_rank_strategy(config)
@@ -362,7 +362,7 @@ def select_ranks(
     if not isinstance(ranks, dict):
         raise TypeError(f"{who} must return a dict of ranks, got {type(ranks).__name__}")
     missing = [n for n in names if n not in ranks]
-    unknown = [n for n in ranks if n not in layers_by_name]
+    unknown = [n for n in ranks if n not in known]
     if missing or unknown:
         raise ValueError(f"{who} returned ranks missing {missing} and for unknown layers {unknown}")
     try:
@@ -376,7 +376,7 @@ def select_ranks(
 
 
 def _pair(value: Any, key: str, kind: type) -> Any:
-    """Lists become tuples (configs stay hashable and compare equal however built)."""
+    """Validate one value or a pair; lists become tuples, so configs compare equal however built."""
     if isinstance(value, list | tuple):
         if len(value) != 2:
             raise ValueError(f"{key}: expected one value or a pair [out, in], got {value!r}")
@@ -641,7 +641,9 @@ def allocate_budget(
        Tucker layer stays below dense), or return a layer to dense.
 
     Both use a heap with per-layer versions (a layer's moves are re-costed only when it
-    changes), so the work is O((S + C) log n) per layer.
+    changes), so the work is O((S + C) log n) per layer. With ``cost="macs"``, a layer made
+    Tucker saves parameters too (so the orchestrator does not keep it dense) whenever its input
+    is at least as large as its output, spatially: the parameter ratio is then the smaller.
 
     Parameters
     ----------

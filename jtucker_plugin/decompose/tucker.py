@@ -137,8 +137,11 @@ def joint_spectrum(
     n_out, n_in = x.shape[0], x.shape[-1]
     rows, cols = x.view(-1, n_in), x.view(n_out, -1)
     spectra = []
-    for gram in (cols @ cols.T, rows.T @ rows):
-        spectra.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0))
+    for a in (cols, rows.T):
+        # The nonzero eigenvalues of a a^T and a^T a are the same: use the smaller matrix.
+        gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+        values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+        spectra.append(torch.cat([values, values.new_zeros(a.shape[0] - len(values))]))
     return spectra[0], spectra[1]
 
 
@@ -207,16 +210,16 @@ def joint_tucker(
     # Two views of one buffer: rows is X(2)^T (S*T*taps x C), cols is X(1) (S x T*taps*C).
     rows, cols = x.view(-1, n_in), x.view(n_out, -1)
     total = float(weight_sq.sum())
-    V, _ = _top_eigenvectors(rows.T @ rows, r2)
-    U = _top_eigenvectors(cols @ cols.T, r1)[0] if n_iter_max == 0 else None
+    V, _ = _leading_subspace(rows.T, r2)
+    U = _leading_subspace(cols, r1)[0] if n_iter_max == 0 else None
     previous = -math.inf
     n_iter = 0
     while n_iter < n_iter_max:
         n_iter += 1
         projected = (rows @ V).view(n_out, -1)  # X x2 V^T, mode-1 unfolding
-        U, _ = _top_eigenvectors(projected @ projected.T, r1)
+        U, _ = _leading_subspace(projected, r1)
         projected = (U.T @ cols).view(-1, n_in)  # X x1 U^T, mode-2 unfolding
-        V, kept = _top_eigenvectors(projected.T @ projected, r2)
+        V, kept = _leading_subspace(projected.T, r2)
         # The fit (energy kept, 1 - error^2) rather than the error: near an exact fit the
         # error is the square root of rounding noise and would never settle below tol.
         fit = float(kept.sum()) / total if total > 0 else 1.0
@@ -385,12 +388,34 @@ def _as_int(value: object) -> int | None:
         return None
 
 
-def _top_eigenvectors(gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """The r leading eigenvectors (columns, sign-fixed) and eigenvalues of a symmetric matrix."""
+def _leading_subspace(a: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The r leading left singular vectors of ``a`` (n x m) and their energy (sum of sigma^2).
+
+    From the smaller Gram matrix: ``a a^T`` (n x n) when n <= m; otherwise ``a^T a``
+    (m x m), whose eigenvectors w give the singular vectors ``a w / sqrt(lambda)``, made
+    orthonormal again by a QR and completed by it when ``a`` has rank below r. Each vector's
+    largest-magnitude entry is positive.
+    """
+    n, m = a.shape
+    if n <= m:
+        values, vectors = _top_eigh(a @ a.T, r)
+        return _fix_signs(vectors), values.sum()
+    values, w = _top_eigh(a.T @ a, min(r, m))
+    # Directions at the rounding level of the Gram are noise: leave them to the completion.
+    rank = int((values > values[0] * m * torch.finfo(values.dtype).eps).sum())
+    vectors = (a @ w[:, :rank]) / values[:rank].sqrt()
+    if rank < r:
+        vectors = torch.cat([vectors, torch.eye(n, r - rank, dtype=a.dtype)], dim=1)
+    return _fix_signs(torch.linalg.qr(vectors).Q), values.sum()
+
+
+def _top_eigh(gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The r largest eigenvalues of a symmetric matrix, descending, and their eigenvectors."""
     values, vectors = torch.linalg.eigh(gram)  # ascending; reads the lower triangle only
-    values = values[-r:].flip(0)
-    vectors = vectors[:, -r:].flip(1)
-    # Eigenvectors are defined up to sign: make each one's largest-magnitude entry positive.
+    return values[-r:].flip(0), vectors[:, -r:].flip(1)
+
+
+def _fix_signs(vectors: Tensor) -> Tensor:
+    """Flip columns so that each one's largest-magnitude entry is positive (deterministic)."""
     lead = vectors.abs().argmax(dim=0)
-    signs = vectors.gather(0, lead.unsqueeze(0)).sign()
-    return (vectors * signs).contiguous(), values
+    return (vectors * vectors.gather(0, lead.unsqueeze(0)).sign()).contiguous()

@@ -18,7 +18,14 @@ import yaml
 
 from jtucker_plugin.data import DataSpec, required_paths
 from jtucker_plugin.recipe.registry import get_stage
-from jtucker_plugin.recipe.schema import ConfigError, convert, from_dict, join_path, to_dict
+from jtucker_plugin.recipe.schema import (
+    ConfigError,
+    convert,
+    did_you_mean,
+    from_dict,
+    join_path,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,10 @@ def expand_env(value: Any, path: str = "") -> Any:
             return os.environ[name]
         if default is not None:
             return default
-        raise ConfigError(path, f"environment variable {name} is not set (write ${{{name}:-default}} for a fallback)")
+        raise ConfigError(
+            path,
+            f"environment variable {name} is not set (write ${{{name}:-default}} for a fallback)",
+        )
 
     return _ENV.sub(sub, value)
 
@@ -112,7 +122,10 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
 
 def _parse(data: Any) -> Recipe:
     if not isinstance(data, dict):
-        raise ConfigError("", f"a recipe is a mapping with keys {', '.join(_TOP_LEVEL)}; got {type(data).__name__}")
+        raise ConfigError(
+            "",
+            f"a recipe is a mapping with keys {', '.join(_TOP_LEVEL)}; got {type(data).__name__}",
+        )
     top = from_dict(_TopLevel, {k: v for k, v in data.items() if k not in ("tasks", "stages")})
     for key in ("tasks", "stages"):
         if key not in data:
@@ -169,14 +182,15 @@ def check_recipe(recipe: Recipe) -> None:
                     raise ConfigError(f"{where}.data.{field_name}", f"not found: {p.resolve()}")
             arch = task.model.arch
             if arch not in known and not arch.startswith("tv:"):
-                from jtucker_plugin.recipe.schema import did_you_mean
-
                 raise ConfigError(
                     f"{where}.model.arch",
                     f"unknown architecture {arch!r}{did_you_mean(arch, known)}; available: {', '.join(known)}",
                 )
             if task.model.weights and not recipe.resolve(task.model.weights).is_file():
-                raise ConfigError(f"{where}.model.weights", f"file not found: {recipe.resolve(task.model.weights).resolve()}")
+                raise ConfigError(
+                    f"{where}.model.weights",
+                    f"file not found: {recipe.resolve(task.model.weights).resolve()}",
+                )
             if (arch, task.model.width) != (first.model.arch, first.model.width):
                 raise ConfigError(
                     f"{where}.model",
@@ -216,7 +230,11 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML; ``parse_recipe(yaml.safe_load(dump_recipe(r))) == r``."""
-    data = {k: getattr(recipe, k) for k in ("name", "seed", "output", "data_root") if getattr(recipe, k) is not None}
+    data = {
+        k: getattr(recipe, k)
+        for k in ("name", "seed", "output", "data_root")
+        if getattr(recipe, k) is not None
+    }
     data["tasks"] = to_dict(recipe.tasks)
     data["stages"] = [{s.name: to_dict(s.config)} for s in recipe.stages]
     return yaml.safe_dump(data, sort_keys=False)

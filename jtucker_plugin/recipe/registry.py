@@ -118,8 +118,7 @@ def get_stage(name: str) -> Stage:
     _load_all()
     if name not in _STAGES:
         raise KeyError(
-            f"unknown stage {name!r}{did_you_mean(name, _STAGES)}; "
-            f"available: {', '.join(sorted(_STAGES))}"
+            f"unknown stage {name!r}{did_you_mean(name, _STAGES)}; available: {', '.join(sorted(_STAGES))}"
         )
     return _STAGES[name]
 

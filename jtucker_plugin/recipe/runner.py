@@ -29,7 +29,12 @@ from jtucker_plugin.report import Report, write_report
 
 def stage_fingerprints(recipe: Recipe) -> list[str]:
     """One hash per stage, covering the tasks, the seed and every stage up to it."""
-    head = {"version": __version__, "seed": recipe.seed, "data_root": recipe.data_root, "tasks": to_dict(recipe.tasks)}
+    head = {
+        "version": __version__,
+        "seed": recipe.seed,
+        "data_root": recipe.data_root,
+        "tasks": to_dict(recipe.tasks),
+    }
     digest = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
     out = []
     for stage in recipe.stages:
@@ -118,7 +123,14 @@ def run_recipe(
     metrics: list[dict[str, Any]] = []
     for i in range(start):
         result = json.loads((_stage_dir(out, i, recipe.stages[i].name) / "result.json").read_text())
-        records.append({"stage": recipe.stages[i].name, "index": i, "seconds": result["seconds"], "status": "resumed"})
+        records.append(
+            {
+                "stage": recipe.stages[i].name,
+                "index": i,
+                "seconds": result["seconds"],
+                "status": "resumed",
+            }
+        )
         metrics.append(result["metrics"])
     if start:
         log.info("resuming after stage %d (%s)", start - 1, recipe.stages[start - 1].name)
@@ -133,7 +145,12 @@ def run_recipe(
         began = time.perf_counter()
         with atomic_directory(_stage_dir(out, i, call.name)) as folder:
             ctx = StageContext(
-                seed=recipe.seed + i, index=i, folder=folder / "files", output=out, load_data=load_data, quiet=quiet,
+                seed=recipe.seed + i,
+                index=i,
+                folder=folder / "files",
+                output=out,
+                load_data=load_data,
+                quiet=quiet,
                 data_root=recipe.data_root,
             )
             ctx.folder.mkdir()
@@ -143,8 +160,13 @@ def run_recipe(
             bundle.save(folder / "bundle")
             (folder / "result.json").write_text(
                 json.dumps(
-                    {"stage": call.name, "index": i, "fingerprint": fingerprints[i], "seconds": seconds,
-                     "metrics": result.metrics},
+                    {
+                        "stage": call.name,
+                        "index": i,
+                        "fingerprint": fingerprints[i],
+                        "seconds": seconds,
+                        "metrics": result.metrics,
+                    },
                     indent=1,
                     default=float,
                 )
@@ -178,6 +200,10 @@ def make_report(
         dense_parameters=bundle.dense_parameters(),
         compression_ratio=bundle.compression_ratio(),
     )
-    provenance = {**bundle.provenance, "recipe": recipe.source, "seed": recipe.seed,
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    provenance = {
+        **bundle.provenance,
+        "recipe": recipe.source,
+        "seed": recipe.seed,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     return Report(name=recipe.name, tasks=tasks, bundle=summary, stages=records, provenance=provenance)

@@ -92,9 +92,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             return value
         if isinstance(value, str):
             options = [str(a) for a in typing.get_args(tp)]
-            raise ConfigError(
-                path, f"expected {_type_name(tp)}, got {value!r}{did_you_mean(value, options)}"
-            )
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}{did_you_mean(value, options)}")
     elif origin in (Union, types.UnionType):
         errors = []
         for arm in typing.get_args(tp):

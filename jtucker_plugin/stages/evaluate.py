@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jtucker_plugin.metrics import count_macs, count_parameters, latency_ms, model_bytes, state_bytes
+from jtucker_plugin.metrics import (
+    count_macs,
+    count_parameters,
+    latency_ms,
+    model_bytes,
+    state_bytes,
+)
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.registry import register_stage
 from jtucker_plugin.recipe.stage import StageContext, StageResult
@@ -32,10 +38,16 @@ def evaluate(bundle: Bundle, config: EvaluateConfig, ctx: StageContext) -> Stage
         data = ctx.data(task)
         split = data.val if config.split == "val" else data.test
         if split is None:
-            raise ValueError(f"evaluate.split: task {task!r} has no validation split; set val_fraction in its data")
+            raise ValueError(
+                f"evaluate.split: task {task!r} has no validation split; set val_fraction in its data"
+            )
         shape = bundle.info[task].input_shape
         row = evaluate_model(model, split, batch_size=config.batch_size, progress=ctx.progress)
-        row.update(parameters=count_parameters(model), macs=count_macs(model, shape), bytes=model_bytes(model))
+        row.update(
+            parameters=count_parameters(model),
+            macs=count_macs(model, shape),
+            bytes=model_bytes(model),
+        )
         if config.latency:
             for batch in (1, 32):
                 row[f"latency_ms_b{batch}"] = latency_ms(model, shape, batch, repeats=config.repeats)

@@ -24,8 +24,16 @@ def _bundle(n_tasks=3, width=0.5) -> Bundle:
             for p in model.parameters():
                 p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
         models[f"t{i}"] = model
-    info = {t: TaskInfo(arch="resnet8", num_classes=10, width=width, input_shape=(3, 16, 16),
-                        dense_parameters=sum(p.numel() for p in m.parameters())) for t, m in models.items()}
+    info = {
+        t: TaskInfo(
+            arch="resnet8",
+            num_classes=10,
+            width=width,
+            input_shape=(3, 16, 16),
+            dense_parameters=sum(p.numel() for p in m.parameters()),
+        )
+        for t, m in models.items()
+    }
     return Bundle(models, info)
 
 
@@ -45,7 +53,9 @@ def test_find_layers_keeps_heads_and_small_layers_dense():
 def test_joint_shares_factors_and_output_matches_dense_reconstruction(tmp_path):
     bundle = _bundle()
     reference = copy.deepcopy(bundle)
-    result = decompose_bundle(bundle, _select({"strategy": "ratio", "ratio": 0.5}), joint=True, min_params=100)
+    result = decompose_bundle(
+        bundle, _select({"strategy": "ratio", "ratio": 0.5}), joint=True, min_params=100
+    )
     assert result["layers"] and bundle.compression_ratio() > 1.0
     layers = [m.get_submodule("layer2.0.conv1") for m in bundle.models.values()]
     assert all(isinstance(layer, TuckerConv2d) for layer in layers)
@@ -63,7 +73,9 @@ def test_joint_shares_factors_and_output_matches_dense_reconstruction(tmp_path):
         i = list(bundle.models).index(task)
         w = reference.models[task].get_submodule("layer2.0.conv1").weight
         err = (dense.get_submodule("layer2.0.conv1").weight - w).norm() / w.norm()
-        assert err.item() == pytest.approx(result["layers"]["layer2.0.conv1"]["errors"][i], rel=1e-3, abs=1e-6)
+        assert err.item() == pytest.approx(
+            result["layers"]["layer2.0.conv1"]["errors"][i], rel=1e-3, abs=1e-6
+        )
     saved = Bundle.load(bundle.save(tmp_path / "b"))
     loaded = [m.get_submodule("layer2.0.conv1") for m in saved.models.values()]
     assert loaded[0].in_proj is loaded[1].in_proj
@@ -84,7 +96,12 @@ def test_budget_is_met_on_the_decomposed_layers():
     bundle = _bundle()
     chosen, _ = find_layers(bundle.models, min_params=100)
     dense = sum(bundle.models["t0"].get_submodule(n).weight.numel() for n in chosen) * 3
-    decompose_bundle(bundle, _select({"strategy": "budget", "budget": {"params": 0.4}}), joint=True, min_params=100)
+    decompose_bundle(
+        bundle,
+        _select({"strategy": "budget", "budget": {"params": 0.4}}),
+        joint=True,
+        min_params=100,
+    )
     kept = 0
     seen = set()
     for model in bundle.models.values():
@@ -98,11 +115,18 @@ def test_budget_is_met_on_the_decomposed_layers():
 
 def test_ranks_that_do_not_save_keep_the_layer_dense():
     bundle = _bundle()
-    result = decompose_bundle(bundle, _select({"strategy": "ratio", "ratio": 1.0}), joint=True, min_params=100)
+    result = decompose_bundle(
+        bundle, _select({"strategy": "ratio", "ratio": 1.0}), joint=True, min_params=100
+    )
     assert all("kept_dense" in row for row in result["layers"].values())
     assert not any(isinstance(m, TuckerConv2d) for m in bundle.models["t0"].modules())
 
 
 def test_nothing_to_decompose_is_an_error():
-    with pytest.raises(ValueError, match=r"no layer to decompose \(layers=\[.linear.\], exclude=\[\]\); kept dense: .*linear \(classifier head"):
-        decompose_bundle(_bundle(), _select({"strategy": "ratio", "ratio": 0.5}), joint=True, include=["linear"])
+    with pytest.raises(
+        ValueError,
+        match=r"no layer to decompose \(layers=\[.linear.\], exclude=\[\]\); kept dense: .*linear \(classifier head",
+    ):
+        decompose_bundle(
+            _bundle(), _select({"strategy": "ratio", "ratio": 0.5}), joint=True, include=["linear"]
+        )

@@ -9,7 +9,9 @@ from jtucker_plugin.decompose.tucker import joint_tucker
 from jtucker_plugin.layers import build_layer, layer_config
 
 
-@pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True)])
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "bias"), [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True)]
+)
 def test_factorized_conv_equals_dense_reconstruction(stride, padding, dilation, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 10, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).double()
@@ -37,7 +39,9 @@ def test_layers_rebuild_from_config():
     conv = TuckerConv2d(8, 16, (4, 3), 3, stride=2, padding=1, bias=True)
     again = build_layer("TuckerConv2d", layer_config(conv))
     assert layer_config(again) == layer_config(conv)
-    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in conv.state_dict().items()
+    }
 
 
 def test_rejects_grouped_conv():

@@ -1,8 +1,10 @@
 """Rank strategies: each one on synthetic spectra, the budget greedy, EVBMF, configs, registry."""
 
 import dataclasses
+import os
 import random
 import re
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -521,3 +523,44 @@ def test_register_rejects_configs_without_the_strategy_field():
         register_rank_strategy("nameless", config=NoName)
     with pytest.raises(TypeError, match="takes a RatioConfig"):
         ranks.get_rank_strategy(dataclasses.replace(ToyGAConfig(), strategy="ratio"))
+
+
+# --- real spectra
+
+
+def shared_data() -> Path:
+    root = Path(
+        os.environ.get("JTUCKER_DATA", Path(__file__).parents[2] / ".." / "shared" / "data")
+    )
+    if not (root / "weights" / "resnet20-12fca82f.th").is_file():
+        pytest.skip(f"ResNet-20 weights not found under {root} (set JTUCKER_DATA)")
+    return root
+
+
+@pytest.mark.shared_data
+def test_strategies_on_resnet20_spectra():
+    path = shared_data() / "weights" / "resnet20-12fca82f.th"
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    layers = []
+    for key, weight in state.items():
+        if key.endswith(".weight") and weight.ndim == 4:
+            s, c, kh, kw = weight.shape
+            w = weight.double()
+            unfold1, unfold2 = w.reshape(s, -1), w.transpose(0, 1).reshape(c, -1)
+            eig_out = torch.linalg.eigvalsh(unfold1 @ unfold1.T).flip(0)
+            eig_in = torch.linalg.eigvalsh(unfold2 @ unfold2.T).flip(0)
+            name = key.removeprefix("module.").removesuffix(".weight")
+            layers.append(LayerInfo(name, s, c, (kh, kw), 1, eig_out, eig_in))
+    assert len(layers) == 19
+    for config in [VBMFConfig(), EnergyConfig(energy=0.9), RatioConfig(ratio=0.5)]:
+        assert_in_range(layers, select_ranks(config, layers))
+    chosen = select_ranks(BudgetConfig(budget=Budget(params=0.4)), layers)
+    used, total = effective_cost(layers, chosen, "params")
+    assert 0.39 < used / total <= 0.4
+    # Trained weights have decaying spectra: the greedy keeps most energy at 40% of the params.
+    kept = [
+        energy_kept(l, chosen[l.name])
+        for l in layers
+        if params(l, *chosen[l.name]) < l.dense_params
+    ]
+    assert kept and float(np.mean(kept)) > 0.5

@@ -15,8 +15,14 @@ def _recipe(**over):
     data = {
         "name": "t",
         "tasks": {
-            "low": {"data": {"dataset": "digits", "classes": ["0", "1"]}, "model": {"arch": "resnet8"}},
-            "high": {"data": {"dataset": "digits", "classes": ["2", "3"]}, "model": {"arch": "resnet8"}},
+            "low": {
+                "data": {"dataset": "digits", "classes": ["0", "1"]},
+                "model": {"arch": "resnet8"},
+            },
+            "high": {
+                "data": {"dataset": "digits", "classes": ["2", "3"]},
+                "model": {"arch": "resnet8"},
+            },
         },
         "stages": [{"finetune": {"epochs": 1}}, "evaluate", {"export": {}}],
     }
@@ -32,12 +38,23 @@ def _write(tmp_path, data) -> Path:
 
 def test_multi_stage_recipe_round_trips():
     recipe = parse_recipe(
-        _recipe(stages=[{"finetune": {"epochs": 2, "joint": True}},
-                        {"jtucker": {"ranks": {"strategy": "budget", "budget": {"params": 0.3}}}},
-                        {"tucker": {"ranks": {"strategy": "energy", "energy": 0.8}, "exclude": ["linear"]}},
-                        "evaluate", {"export": {}}])
+        _recipe(
+            stages=[
+                {"finetune": {"epochs": 2, "joint": True}},
+                {"jtucker": {"ranks": {"strategy": "budget", "budget": {"params": 0.3}}}},
+                {"tucker": {"ranks": {"strategy": "energy", "energy": 0.8}, "exclude": ["linear"]}},
+                "evaluate",
+                {"export": {}},
+            ]
+        )
     )
-    assert [s.name for s in recipe.stages] == ["finetune", "jtucker", "tucker", "evaluate", "export"]
+    assert [s.name for s in recipe.stages] == [
+        "finetune",
+        "jtucker",
+        "tucker",
+        "evaluate",
+        "export",
+    ]
     assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
 
 
@@ -61,25 +78,43 @@ def test_env_expansion_and_missing_variable(tmp_path, monkeypatch):
     assert recipe.output == f"{tmp_path}/out/run" and recipe.data_root == "."
     monkeypatch.delenv("JT_UNSET_VAR", raising=False)
     path = _write(tmp_path, _recipe(data_root="${JT_UNSET_VAR}"))
-    with pytest.raises(ConfigError, match=r"r\.yaml: data_root: environment variable JT_UNSET_VAR is not set"):
+    with pytest.raises(
+        ConfigError, match=r"r\.yaml: data_root: environment variable JT_UNSET_VAR is not set"
+    ):
         load_recipe(path)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"stages": [{"tuker": {}}]}, r"stages\[0\]: unknown stage 'tuker'; did you mean 'tucker'\?"),
-        ({"stages": [{"finetune": {"epoch": 1}}]}, r"stages\[0\]\.finetune\.epoch: unknown key 'epoch'"),
-        ({"stages": [{"finetune": {"lr": "fast"}}]}, r"stages\[0\]\.finetune\.lr: expected a number, got 'fast'"),
+        (
+            {"stages": [{"tuker": {}}]},
+            r"stages\[0\]: unknown stage 'tuker'; did you mean 'tucker'\?",
+        ),
+        (
+            {"stages": [{"finetune": {"epoch": 1}}]},
+            r"stages\[0\]\.finetune\.epoch: unknown key 'epoch'",
+        ),
+        (
+            {"stages": [{"finetune": {"lr": "fast"}}]},
+            r"stages\[0\]\.finetune\.lr: expected a number, got 'fast'",
+        ),
         ({"stages": [{"finetune": {}, "evaluate": {}}]}, r"stages\[0\]: expected one stage"),
-        ({"stages": [{"jtucker": {"ranks": {"strategy": "budget", "budget": 0.3}}}]},
-         r"stages\[0\]\.jtucker\.ranks\.budget: "),
+        (
+            {"stages": [{"jtucker": {"ranks": {"strategy": "budget", "budget": 0.3}}}]},
+            r"stages\[0\]\.jtucker\.ranks\.budget: ",
+        ),
         ({"seed": "zero"}, r"seed: expected an integer"),
         ({"colour": 1}, r"colour: unknown key 'colour'"),
         ({"tasks": {}}, r"tasks: expected at least one task"),
-        ({"tasks": {"a": {"data": {"dataset": "digitz"}, "model": {"arch": "resnet8"}}}},
-         r"tasks\.a\.data\.dataset: expected one of .*did you mean 'digits'"),
-        ({"tasks": {"a": {"data": {"dataset": "digits"}}}}, r"tasks\.a\.model: missing required key"),
+        (
+            {"tasks": {"a": {"data": {"dataset": "digitz"}, "model": {"arch": "resnet8"}}}},
+            r"tasks\.a\.data\.dataset: expected one of .*did you mean 'digits'",
+        ),
+        (
+            {"tasks": {"a": {"data": {"dataset": "digits"}}}},
+            r"tasks\.a\.model: missing required key",
+        ),
     ],
 )
 def test_schema_errors_name_file_and_field(tmp_path, change, message):
@@ -104,7 +139,10 @@ def test_file_checks(tmp_path):
 def test_architecture_checks(tmp_path):
     mixed = _recipe()
     mixed["tasks"]["high"]["model"]["arch"] = "resnet20"
-    with pytest.raises(ConfigError, match=r"tasks\.(high|low)\.model: all tasks must share one architecture; this task has resnet"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks\.(high|low)\.model: all tasks must share one architecture; this task has resnet",
+    ):
         load_recipe(_write(tmp_path, mixed))
     unknown = _recipe()
     unknown["tasks"]["low"]["model"]["arch"] = "resnet2O"
@@ -113,7 +151,9 @@ def test_architecture_checks(tmp_path):
 
 
 def test_yaml_syntax_error_names_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"r\.yaml: line 3, column 1: not valid YAML: expected the node content"):
+    with pytest.raises(
+        ConfigError, match=r"r\.yaml: line 3, column 1: not valid YAML: expected the node content"
+    ):
         load_recipe(_write(tmp_path, "name: x\nstages: [a, {b: \n"))
 
 

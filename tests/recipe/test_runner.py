@@ -18,19 +18,36 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _tiny_recipe(tmp_path: Path, stages: list) -> Path:
     task = lambda classes: {  # noqa: E731
-        "data": {"dataset": "digits", "classes": classes, "image_size": 8, "channels": 1,
-                 "mean": [0.5], "std": [0.5], "augment": False, "train_per_class": 40},
+        "data": {
+            "dataset": "digits",
+            "classes": classes,
+            "image_size": 8,
+            "channels": 1,
+            "mean": [0.5],
+            "std": [0.5],
+            "augment": False,
+            "train_per_class": 40,
+        },
         "model": {"arch": "resnet8", "width": 0.5},
     }
-    data = {"name": "tiny", "seed": 1, "output": str(tmp_path / "out"),
-            "tasks": {"a": task(["0", "1", "2"]), "b": task(["3", "4", "5"])}, "stages": stages}
+    data = {
+        "name": "tiny",
+        "seed": 1,
+        "output": str(tmp_path / "out"),
+        "tasks": {"a": task(["0", "1", "2"]), "b": task(["3", "4", "5"])},
+        "stages": stages,
+    }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
 def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
-    stages = [{"train": {"epochs": 1, "batch_size": 16}}, {"evaluate": {"latency": False}}, {"export": {}}]
+    stages = [
+        {"train": {"epochs": 1, "batch_size": 16}},
+        {"evaluate": {"latency": False}},
+        {"export": {}},
+    ]
     path = _tiny_recipe(tmp_path, stages)
     first = run_recipe(load_recipe(path), quiet=True)
     assert [s["status"] for s in first.stages] == ["ran", "ran", "ran"]
@@ -43,7 +60,9 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     assert second.tasks["a"]["accuracy"] == first.tasks["a"]["accuracy"]
     assert checkpoint.stat().st_mtime_ns == stamp
 
-    stages[1] = {"evaluate": {"latency": False, "batch_size": 64}}  # a changed stage reruns, with what follows
+    stages[1] = {
+        "evaluate": {"latency": False, "batch_size": 64}
+    }  # a changed stage reruns, with what follows
     path = _tiny_recipe(tmp_path, stages)
     third = run_recipe(load_recipe(path), quiet=True)
     assert [s["status"] for s in third.stages] == ["resumed", "ran", "ran"]
@@ -57,9 +76,13 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
 
 
 def test_report_files_and_bundle(tmp_path):
-    stages = [{"train": {"epochs": 2, "batch_size": 16}}, {"evaluate": {"repeats": 2}},
-              {"finetune": {"epochs": 1, "joint": True, "batch_size": 16}}, {"evaluate": {"repeats": 2}},
-              {"export": {}}]
+    stages = [
+        {"train": {"epochs": 2, "batch_size": 16}},
+        {"evaluate": {"repeats": 2}},
+        {"finetune": {"epochs": 1, "joint": True, "batch_size": 16}},
+        {"evaluate": {"repeats": 2}},
+        {"export": {}},
+    ]
     report = run_recipe(load_recipe(_tiny_recipe(tmp_path, stages)), quiet=True)
     out = tmp_path / "out"
     data = json.loads((out / "report.json").read_text())
@@ -92,7 +115,18 @@ def test_cli_validate_and_stages(tmp_path, capsys):
 def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     """The README's main job: the embedded digits recipe, as shipped."""
     out = tmp_path / "quickstart"
-    assert main(["--quiet", "run", str(REPO / "recipes" / "quickstart-digits.yaml"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "run",
+                str(REPO / "recipes" / "quickstart-digits.yaml"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     for task in ("low", "high"):
         assert report["tasks"][task]["accuracy"] >= 0.8, report["tasks"][task]

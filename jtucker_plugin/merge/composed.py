@@ -1,0 +1,304 @@
+"""Layers whose weight is composed from stored parts, and the Hybrid layer: shared + sparse delta.
+
+A ``ComposedLayer`` stores a conv or linear layer as parts (a weight shared by all tasks and a
+sparse per-task delta; shared basis cores and per-task mixing weights, see
+``decompose/shared_core.py``) and builds the dense weight from them. It runs that weight through
+a plain ``nn.Conv2d`` / ``nn.Linear`` child ``op`` that holds no tensors of its own, so that what
+counts torch layers (``metrics.count_macs``) sees the layer's multiply-accumulates.
+
+Execution, ``materialize``:
+
+- ``True``: without gradients (evaluation, export) the dense weight is built once, at the first
+  forward, and kept until one of the parts changes (an optimiser step, a load). As fast as the
+  dense layer, at the memory of one dense weight per task layer on top of the stored parts.
+- ``False``: the weight is rebuilt at every forward and dropped after it: the least memory (one
+  layer's dense weight at a time), at the cost of an ``index_add`` (or a small matrix product)
+  per layer and forward. ``benchmarks/hybrid_execution.py`` measures the trade-off.
+
+With gradients (training) the weight is always rebuilt, so that gradients reach the parts.
+
+``HybridLayer`` is Hybrid sharing (METHODS.md section 4): ``W_t = W_shared + S_t``. The shared
+weight (and bias) is ONE ``nn.Parameter`` object in every task's layer: stored, counted and
+trained once. ``S_t`` is stored compactly as its ``nnz`` non-zero values (a parameter) and their
+positions in the flattened ``[weight, bias]`` (a buffer), so ``Bundle.save`` writes exactly
+values + indices. Positions take 2 bytes (``int16``, stored as ``position - 32768`` so the whole
+16-bit range is used) when the layer has at most 65,536 entries, else 4 (``int32``).
+``Bundle.unique_parameters`` counts the shared weight once and the ``nnz`` values of each task;
+the indices are buffers: they are counted in bytes (``merge.hybrid.hybrid_storage``), not as
+parameters.
+
+Examples
+--------
+>>> layer = HybridLayer("Conv2d", {"in_channels": 4, "out_channels": 8, "kernel_size": 3}, nnz=5)
+>>> layer.delta_values.shape, layer.delta_indices.dtype        # 8*4*3*3 = 288 entries: int16
+(torch.Size([5]), torch.int16)
+>>> layer(torch.zeros(1, 4, 6, 6)).shape
+torch.Size([1, 8, 4, 4])
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jtucker_plugin import layers
+
+OPS = ("Conv1d", "Conv2d", "Linear")
+"""Layer types a composed layer can run: its ``op``."""
+
+_INT16_SPAN = 1 << 16
+_INT16_OFFSET = 1 << 15
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype that stores positions in a tensor of ``numel`` entries: int16 up to 65,536."""
+    return torch.int16 if numel <= _INT16_SPAN else torch.int32
+
+
+def encode_positions(positions: Tensor, numel: int) -> Tensor:
+    """Flat positions (``0 <= p < numel``) in their compact storage form (see ``index_dtype``)."""
+    positions = positions.to(torch.int64)
+    if index_dtype(numel) == torch.int16:
+        return (positions - _INT16_OFFSET).to(torch.int16)
+    return positions.to(torch.int32)
+
+
+def decode_positions(stored: Tensor) -> Tensor:
+    """The ``int64`` positions that ``encode_positions`` stored."""
+    if stored.dtype == torch.int16:
+        return stored.to(torch.int64) + _INT16_OFFSET
+    return stored.to(torch.int64)
+
+
+class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
+    """A conv or linear layer whose weight (and bias) ``compose()`` builds from stored parts.
+
+    Subclasses register their parts in ``__init__`` and implement ``compose`` and ``parts``.
+
+    Parameters
+    ----------
+    op
+        ``'Conv1d'``, ``'Conv2d'`` or ``'Linear'``: the layer it computes.
+    config
+        That layer's config (``layers.layer_config`` of the original); its ``bias`` is ignored:
+        the bias, if any, is one of the parts.
+    materialize
+        Keep the dense weight between forwards without gradients (see the module docstring).
+    """
+
+    def __init__(self, op: str, config: dict[str, Any], materialize: bool = True):
+        super().__init__()
+        if op not in OPS:
+            raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+        module = layers.build_layer(op, {**config, "bias": False})
+        self.weight_shape = tuple(module.weight.shape)
+        # The op computes with a weight lent to it for one call (see forward): it stores nothing.
+        del module.weight
+        module.weight = None
+        self.op = module
+        self.materialize = bool(materialize)
+        self._cache: tuple[Any, ...] | None = None
+
+    @abc.abstractmethod
+    def compose(self) -> tuple[Tensor, Tensor | None]:
+        """The dense weight and bias (``None`` without bias) from the parts, differentiably."""
+
+    @abc.abstractmethod
+    def parts(self) -> tuple[Tensor, ...]:
+        """The tensors ``compose`` reads: a change to any of them invalidates the kept weight."""
+
+    @property
+    @abc.abstractmethod
+    def has_bias(self) -> bool:
+        """Whether the composed layer has a bias."""
+
+    def dense(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias the layer computes with: kept or rebuilt per ``materialize``."""
+        parts = self.parts()
+        if not self.materialize or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in parts)
+        ):
+            return self.compose()
+        # _version counts in-place changes (optimiser steps, load_state_dict): a stale weight is
+        # never used.
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in parts)
+        if self._cache is None or self._cache[0] != key:
+            # Not an inference tensor, even when first built under inference_mode: the kept
+            # weight may later serve a forward that records gradients for the input.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, *self.compose())
+        return self._cache[1], self._cache[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.dense()
+        # Lend the weight to the op for this call only: a kept reference would hold memory in
+        # recompose mode and an autograd graph across calls in training.
+        object.__setattr__(self.op, "weight", weight)
+        try:
+            y = self.op(x)
+        finally:
+            object.__setattr__(self.op, "weight", None)
+        if bias is None:
+            return y
+        return y + (bias if isinstance(self.op, nn.Linear) else bias.view(-1, *[1] * (y.dim() - 2)))
+
+    def _apply(self, fn, recurse=True):
+        # A dtype or device move makes new parts; the kept weight would be of the old ones.
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def kept_bytes(self) -> int:
+        """Bytes of the dense weight kept by ``materialize`` now (0 when none is kept)."""
+        if self._cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._cache[1:] if t is not None)
+
+    def op_config(self) -> dict[str, Any]:
+        """The op's layer config, with the bias this layer has."""
+        return {**layers.layer_config(self.op), "bias": self.has_bias}
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """The equivalent plain layer (``nn.Conv2d`` ...), e.g. for export or quantization."""
+        weight, bias = self.compose()
+        module = layers.build_layer(type(self.op).__name__, self.op_config())
+        module = module.to(dtype=weight.dtype, device=weight.device)
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+        return module
+
+
+@layers.register_layer
+class HybridLayer(ComposedLayer):
+    """``W_t = W_shared + S_t``: a weight shared by all tasks plus this task's sparse delta.
+
+    Parameters
+    ----------
+    op, config, materialize
+        See ``ComposedLayer``.
+    bias
+        Whether the layer has a bias; it is shared and the delta covers it too.
+    nnz
+        Non-zeros of the delta: entries of the flattened ``[weight, bias]`` that differ.
+
+    Attributes
+    ----------
+    shared_weight, shared_bias
+        ``nn.Parameter``s; the same objects in every task's layer once tied (``merge.hybrid``).
+    delta_values
+        ``nn.Parameter`` of ``nnz`` values.
+    delta_indices
+        Buffer of their positions, ascending, in ``encode_positions`` form.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        config: dict[str, Any],
+        bias: bool = False,
+        nnz: int = 0,
+        materialize: bool = True,
+    ):
+        super().__init__(op, config, materialize)
+        self.shared_weight = nn.Parameter(torch.zeros(self.weight_shape))
+        out = self.weight_shape[0]
+        self.shared_bias = nn.Parameter(torch.zeros(out)) if bias else None
+        if not isinstance(nnz, int) or not 0 <= nnz <= self.numel:
+            raise ValueError(f"nnz: expected an integer in [0, {self.numel}], got {nnz!r}")
+        self.delta_values = nn.Parameter(torch.zeros(nnz))
+        self.register_buffer("delta_indices", encode_positions(torch.arange(nnz), self.numel))
+
+    @property
+    def numel(self) -> int:
+        """Entries of the flattened ``[weight, bias]``: what the delta indexes."""
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n + (self.weight_shape[0] if self.shared_bias is not None else 0)
+
+    @property
+    def nnz(self) -> int:
+        return self.delta_values.numel()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.shared_bias is not None
+
+    def positions(self) -> Tensor:
+        """The delta's positions in the flattened ``[weight, bias]`` (``int64``)."""
+        return decode_positions(self.delta_indices)
+
+    def parts(self) -> tuple[Tensor, ...]:
+        shared = (self.shared_weight,) if self.shared_bias is None else (
+            self.shared_weight, self.shared_bias
+        )
+        return (*shared, self.delta_values, self.delta_indices)
+
+    def compose(self) -> tuple[Tensor, Tensor | None]:
+        w = self.shared_weight
+        flat = w.reshape(-1)
+        if self.shared_bias is not None:
+            flat = torch.cat([flat, self.shared_bias])
+        if self.nnz:
+            flat = flat.index_add(0, self.positions(), self.delta_values.to(flat.dtype))
+        weight = flat[: w.numel()].view(w.shape)
+        return weight, (flat[w.numel() :] if self.shared_bias is not None else None)
+
+    def delta(self) -> Tensor:
+        """The dense delta ``S_t`` over the flattened ``[weight, bias]`` (for inspection)."""
+        out = torch.zeros(self.numel, dtype=self.delta_values.dtype)
+        return out.index_put((self.positions(),), self.delta_values.detach())
+
+    def set_delta(self, positions: Tensor, values: Tensor) -> None:
+        """Replace the delta by ``values`` at the flat ``positions`` (any order; kept sorted).
+
+        The values become a new ``nn.Parameter``: optimisers made before hold the old one.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ, a position is out of range or repeated.
+        """
+        positions = positions.to(torch.int64).reshape(-1)
+        values = values.detach().reshape(-1)
+        if positions.shape != values.shape:
+            raise ValueError(
+                f"set_delta: {positions.numel()} positions but {values.numel()} values"
+            )
+        if positions.numel():
+            if int(positions.min()) < 0 or int(positions.max()) >= self.numel:
+                raise ValueError(f"set_delta: positions must be in [0, {self.numel})")
+            if positions.unique().numel() != positions.numel():
+                raise ValueError("set_delta: positions must not repeat")
+        order = positions.argsort()
+        dtype = self.shared_weight.dtype
+        self.delta_values = nn.Parameter(
+            values[order].to(dtype).clone(), requires_grad=self.delta_values.requires_grad
+        )
+        self.delta_indices = encode_positions(positions[order], self.numel).to(
+            self.delta_indices.device
+        )
+        self._cache = None
+
+    def keep_largest(self, k: int) -> None:
+        """Keep the ``k`` delta values of largest magnitude (all if ``k >= nnz``)."""
+        if k >= self.nnz:
+            return
+        top = self.delta_values.detach().abs().topk(max(k, 0)).indices
+        self.set_delta(self.positions()[top], self.delta_values.detach()[top])
+
+    def layer_config(self) -> dict[str, Any]:
+        return {
+            "op": type(self.op).__name__,
+            "config": layers.layer_config(self.op),
+            "bias": self.has_bias,
+            "nnz": self.nnz,
+            "materialize": self.materialize,
+        }
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
