@@ -184,7 +184,8 @@ def check_recipe(recipe: Recipe) -> None:
             if arch not in known and not arch.startswith("tv:"):
                 raise ConfigError(
                     f"{where}.model.arch",
-                    f"unknown architecture {arch!r}{did_you_mean(arch, known)}; available: {', '.join(known)}",
+                    f"unknown architecture {arch!r}{did_you_mean(arch, known)}; "
+                    f"available: {', '.join(known)}",
                 )
             if task.model.weights and not recipe.resolve(task.model.weights).is_file():
                 raise ConfigError(

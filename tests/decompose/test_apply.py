@@ -125,7 +125,8 @@ def test_ranks_that_do_not_save_keep_the_layer_dense():
 def test_nothing_to_decompose_is_an_error():
     with pytest.raises(
         ValueError,
-        match=r"no layer to decompose \(layers=\[.linear.\], exclude=\[\]\); kept dense: .*linear \(classifier head",
+        match=r"no layer to decompose \(layers=\[.linear.\], exclude=\[\]\); "
+        r"kept dense: .*linear \(classifier head",
     ):
         decompose_bundle(
             _bundle(), _select({"strategy": "ratio", "ratio": 0.5}), joint=True, include=["linear"]
