@@ -35,6 +35,7 @@ import dataclasses
 import fnmatch
 import functools
 import heapq
+import importlib
 import math
 import typing
 from collections.abc import Callable, Sequence
@@ -233,6 +234,14 @@ class RankStrategy(Protocol):
 
 
 _STRATEGIES: dict[str, tuple[type, Callable[..., Ranks]]] = {}
+# Strategies defined in other modules, imported on first use of the registry (they import this one).
+_BUILTIN_MODULES = ("jtucker_plugin.search.ga",)
+
+
+def _strategies() -> dict[str, tuple[type, Callable[..., Ranks]]]:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return _STRATEGIES
 
 
 def register_rank_strategy(name: str, config: type) -> Callable[[Callable], Callable]:
@@ -275,7 +284,7 @@ def register_rank_strategy(name: str, config: type) -> Callable[[Callable], Call
 
 def list_rank_strategies() -> list[str]:
     """The registered strategy names, sorted."""
-    return sorted(_STRATEGIES)
+    return sorted(_strategies())
 
 
 def rank_config_from_dict(data: Any, path: str = "ranks") -> RankConfig:
@@ -299,7 +308,7 @@ def rank_config_from_dict(data: Any, path: str = "ranks") -> RankConfig:
     if "strategy" not in data:
         raise ConfigError(where, f"missing required key (one of: {available})")
     name = data["strategy"]
-    if name not in _STRATEGIES:
+    if name not in _strategies():
         hint = did_you_mean(name, _STRATEGIES) if isinstance(name, str) else ""
         raise ConfigError(where, f"unknown rank strategy {name!r}{hint}; available: {available}")
     return from_dict(_STRATEGIES[name][0], data, path)
@@ -308,7 +317,7 @@ def rank_config_from_dict(data: Any, path: str = "ranks") -> RankConfig:
 def get_rank_strategy(config: RankConfig) -> RankStrategy:
     """``config`` bound to its registered function, as a :class:`RankStrategy`."""
     name = getattr(config, "strategy", None)
-    if name not in _STRATEGIES:
+    if name not in _strategies():
         raise ValueError(
             f"no rank strategy registered for config {config!r}; "
             f"available: {', '.join(list_rank_strategies())}"

@@ -429,7 +429,7 @@ def test_builtin_configs_round_trip():
         (
             {"strategy": "enrgy", "energy": 0.9},
             "jt.ranks.strategy: unknown rank strategy 'enrgy'; did you mean 'energy'?; "
-            "available: budget, energy, fixed, ratio, vbmf",
+            "available: budget, energy, fixed, ga, ratio, vbmf",
         ),
         ({"energy": 0.9}, "jt.ranks.strategy: missing required key (one of: budget, energy"),
         (

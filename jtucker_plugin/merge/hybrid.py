@@ -1,0 +1,492 @@
+"""Hybrid sharing: one weight shared by all tasks plus a sparse delta per task (METHODS.md section 4).
+
+Task models fine-tuned from one backbone differ from their mean in few entries that matter.
+``hybridize`` replaces every conv/linear layer whose weight has one shape across tasks by a
+``HybridLayer`` per task: ``W_t = W_shared + S_t``, with ``W_shared`` the tasks' mean (ONE
+``nn.Parameter`` object in every task's layer) and ``S_t`` the largest entries of
+``W_t - W_shared``, at a ``density`` per layer and task or a global ``budget`` of non-zeros.
+Batch norm, the classifier heads and layers named in ``keep_per_task`` stay per task.
+``train_hybrid`` then fine-tunes all tasks jointly with an L1 penalty on the deltas while a
+cubic magnitude schedule shrinks them to the target; positions never come back, so the masks
+are fixed once the target is reached.
+
+Density 1 reconstructs every task exactly; density 0 is hard sharing (``merge.share``).
+
+Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)``. ``Bundle.unique_parameters``
+counts the shared weight once and the ``nnz`` values per task; the indices (2 or 4 bytes each,
+see ``merge.composed``) are buffers and appear in the bytes (``hybrid_storage``).
+
+Examples
+--------
+>>> from jtucker_plugin.models import create_model
+>>> from jtucker_plugin.multitask import TaskInfo
+>>> models = {t: create_model("resnet8", 4, seed=i) for i, t in enumerate("ab")}
+>>> bundle = Bundle(models, {t: TaskInfo("resnet8", 4) for t in "ab"})
+>>> report = hybridize(bundle, density=0.05, keep_per_task=["conv1"])
+>>> a, b = (m.layer1[0].conv1 for m in models.values())
+>>> a.shared_weight is b.shared_weight, a.nnz                  # 16*16*3*3 = 2304 entries
+(True, 115)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jtucker_plugin import layers as layer_configs
+from jtucker_plugin.data import TaskData
+from jtucker_plugin.merge.composed import HybridLayer
+from jtucker_plugin.metrics import state_bytes
+from jtucker_plugin.models import head_name
+from jtucker_plugin.multitask import Bundle
+from jtucker_plugin.train import FitConfig, fit
+
+_OP_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def check_target(
+    density: float | None, budget: int | None, names: tuple[str, str] = ("density", "budget")
+) -> None:
+    """Check that exactly one target is given, ``density`` in [0, 1] or ``budget`` >= 0.
+
+    Raises
+    ------
+    ValueError
+        Naming the field (``names``: how the caller calls the two).
+    """
+    d, b = names
+    if (density is None) == (budget is None):
+        raise ValueError(
+            f"{d}: give exactly one target, {d} (non-zeros per layer and task, a fraction in "
+            f"[0, 1]) or {b} (non-zeros over all layers and tasks); got {d}={density!r}, "
+            f"{b}={budget!r}"
+        )
+    if density is not None and (
+        isinstance(density, bool) or not isinstance(density, int | float) or not 0 <= density <= 1
+    ):
+        raise ValueError(f"{d}: expected a number in [0, 1], got {density!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"{b}: expected an integer >= 0 (non-zeros), got {budget!r}")
+
+
+def _check_patterns(keep_per_task: Any) -> list[str]:
+    if isinstance(keep_per_task, str) or not isinstance(keep_per_task, Sequence):
+        hint = f"; write [{keep_per_task!r}]" if isinstance(keep_per_task, str) else ""
+        raise TypeError(f"keep_per_task: expected a list of fnmatch patterns, got {keep_per_task!r}{hint}")
+    for p in keep_per_task:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"keep_per_task: expected non-empty pattern strings, got {p!r}")
+    return list(keep_per_task)
+
+
+def _matching(name: str, patterns: Sequence[str]) -> list[str]:
+    """The patterns matching ``name`` or the path of a module containing it."""
+    parts = name.split(".")
+    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return [p for p in patterns if any(fnmatch.fnmatchcase(path, p) for path in paths)]
+
+
+def find_hybrid_layers(
+    models: dict[str, nn.Module], keep_per_task: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The layers to share with sparse deltas, and ``{layer: reason}`` for other conv/linear layers.
+
+    A layer qualifies when it is a ``Conv1d``/``Conv2d``/``Linear`` with its own weight, not the
+    classifier head, not matched by ``keep_per_task`` (a pattern matching its path or the path of
+    a module containing it), with the same configuration in every task and not already one
+    weight shared by all tasks.
+
+    Raises
+    ------
+    TypeError
+        If ``keep_per_task`` is not a list of strings.
+    ValueError
+        If a ``keep_per_task`` pattern matches no module (the message names the pattern).
+    """
+    patterns = _check_patterns(keep_per_task)
+    tasks = list(models)
+    ref = models[tasks[0]]
+    paths = [name for name, _ in ref.named_modules() if name]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(path, p) for path in paths):
+            raise ValueError(
+                f"keep_per_task: pattern {p!r} matches no layer; modules are "
+                f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}"
+            )
+    head = head_name(ref)
+    chosen, skipped = [], {}
+    for name, module in ref.named_modules():
+        # A composed layer's op has no weight of its own: it is not a layer to share.
+        if type(module) not in _OP_TYPES or not isinstance(module._parameters.get("weight"), nn.Parameter):
+            continue
+        others = [_get(models[t], name) for t in tasks[1:]]
+        matched = _matching(name, patterns)
+        if name == head or name.startswith(head + "."):
+            reason = "classifier head (per task)"
+        elif matched:
+            reason = f"kept per task by keep_per_task pattern {matched[0]!r}"
+        elif any(not _same_layer(module, o) for o in others):
+            reason = "type, configuration or weight shape differ across tasks"
+        elif others and all(o.weight is module.weight for o in others):
+            reason = "already one weight shared by all tasks"
+        else:
+            chosen.append(name)
+            continue
+        skipped[name] = reason
+    return chosen, skipped
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _same_layer(a: nn.Module, b: nn.Module | None) -> bool:
+    return (
+        b is not None
+        and type(a) is type(b)
+        and isinstance(b._parameters.get("weight"), nn.Parameter)
+        and layer_configs.layer_config(a) == layer_configs.layer_config(b)
+        and a.weight.shape == b.weight.shape
+    )
+
+
+def _flat(module: nn.Module) -> Tensor:
+    """``[weight, bias]`` flattened, in float64."""
+    parts = [module.weight.detach().reshape(-1)]
+    if module.bias is not None:
+        parts.append(module.bias.detach())
+    return torch.cat(parts).to(torch.float64)
+
+
+def allocate_nonzeros(
+    magnitudes: Sequence[Tensor],
+    sizes: Sequence[int],
+    *,
+    density: float | None = None,
+    budget: int | None = None,
+) -> list[int]:
+    """How many entries to keep in each segment (a layer of one task): the largest magnitudes.
+
+    Parameters
+    ----------
+    magnitudes
+        Per segment, the magnitudes of its candidate entries.
+    sizes
+        Per segment, its full number of entries (what ``density`` is a fraction of).
+    density
+        Keep ``round(density * size)`` per segment (at most its candidates).
+    budget
+        Keep the ``budget`` largest magnitudes over all segments together.
+
+    Returns
+    -------
+    list[int]
+        Entries to keep per segment.
+    """
+    check_target(density, budget)
+    if density is not None:
+        return [min(m.numel(), math.floor(density * n + 0.5)) for m, n in zip(magnitudes, sizes, strict=True)]
+    counts = [m.numel() for m in magnitudes]
+    if budget >= sum(counts):
+        return counts
+    flat = torch.cat([m.detach().reshape(-1).to(torch.float64) for m in magnitudes])
+    segment = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    top = flat.topk(budget).indices
+    return torch.bincount(segment[top], minlength=len(counts)).tolist()
+
+
+@torch.no_grad()
+def make_hybrid(originals: Sequence[nn.Module], counts: Sequence[int], *, materialize: bool = True) -> list[HybridLayer]:
+    """One ``HybridLayer`` per task layer in ``originals``, all sharing one weight (their mean).
+
+    Task ``t`` keeps the ``counts[t]`` largest entries of ``W_t - W_shared`` as its delta
+    (differences taken from the float32 mean, so that density 1 gives ``W_t`` back to rounding).
+    """
+    first = originals[0]
+    dtype, device = first.weight.dtype, first.weight.device
+    stacked = torch.stack([_flat(m) for m in originals])
+    mean = stacked.mean(0).to(dtype)
+    diffs = stacked - mean.to(torch.float64)
+    n_weight = first.weight.numel()
+    shared_weight = nn.Parameter(mean[:n_weight].view(first.weight.shape).clone())
+    shared_bias = nn.Parameter(mean[n_weight:].clone()) if first.bias is not None else None
+    config = layer_configs.layer_config(first)
+    out = []
+    for diff, k in zip(diffs, counts, strict=True):
+        layer = HybridLayer(
+            type(first).__name__, config, bias=first.bias is not None, materialize=materialize
+        ).to(device=device, dtype=dtype)
+        layer.shared_weight = shared_weight
+        layer.shared_bias = shared_bias
+        top = diff.abs().topk(int(k)).indices
+        layer.set_delta(top, diff[top])
+        out.append(layer)
+    return out
+
+
+def hybridize(
+    bundle: Bundle,
+    *,
+    density: float | None = None,
+    budget: int | None = None,
+    keep_per_task: Sequence[str] = (),
+    materialize: bool = True,
+    stage: str = "hybrid",
+) -> dict[str, Any]:
+    """Replace each layer of ``find_hybrid_layers`` by Hybrid layers at a density or budget.
+
+    Parameters
+    ----------
+    bundle
+        The task models; changed in place (``dense_parameters`` stay, so the compression ratio
+        rises by what is no longer stored per task).
+    density, budget
+        Exactly one: the share of each layer's entries a task's delta keeps, or the non-zeros
+        over all layers and tasks (the largest differences win, wherever they are).
+    keep_per_task
+        fnmatch patterns of layers (or modules containing them) that stay per task.
+    materialize
+        Execution of the new layers (see ``merge.composed``).
+    stage
+        Written in the history records.
+
+    Returns
+    -------
+    dict
+        ``{"layers": {name: {"entries", "nnz": [per task], "relative_distance": [per task],
+        "relative_error": [per task]}}, "kept": {name: reason}, "nonzeros": int,
+        "unique_parameters": {"before", "after"}}``. ``relative_distance`` is
+        ``||W_t - W_shared|| / ||W_t||``, ``relative_error`` the same with ``W_shared + S_t``.
+
+    Raises
+    ------
+    ValueError
+        For a bad target or ``keep_per_task`` pattern (naming the field), or when no layer
+        qualifies (with the reasons).
+    """
+    check_target(density, budget)
+    names, kept = find_hybrid_layers(bundle.models, keep_per_task)
+    if not names:
+        raise ValueError(
+            f"{stage}: no layer to share; conv/linear layers kept per task: "
+            + "; ".join(f"{n} ({r})" for n, r in list(kept.items())[:6])
+        )
+    tasks = bundle.tasks
+    before = bundle.unique_parameters()
+    originals = {name: [bundle.models[t].get_submodule(name) for t in tasks] for name in names}
+    stacked = {name: torch.stack([_flat(m) for m in mods]) for name, mods in originals.items()}
+    diffs = [row for s in stacked.values() for row in (s - s.mean(0)).abs()]
+    counts = allocate_nonzeros(diffs, [d.numel() for d in diffs], density=density, budget=budget)
+    rows: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        layer_counts = counts[j * len(tasks) : (j + 1) * len(tasks)]
+        hybrids = make_hybrid(originals[name], layer_counts, materialize=materialize)
+        for t, layer in zip(tasks, hybrids, strict=True):
+            bundle.models[t].set_submodule(name, layer)
+        rows[name] = _layer_row(stacked[name], hybrids)
+        bundle.history.append(
+            {"stage": stage, "layer": name, "tasks": list(tasks), "nnz": rows[name]["nnz"]}
+        )
+    return {
+        "layers": rows,
+        "kept": kept,
+        "nonzeros": sum(counts),
+        "unique_parameters": {"before": before, "after": bundle.unique_parameters()},
+    }
+
+
+@torch.no_grad()
+def _layer_row(stacked: Tensor, hybrids: Sequence[HybridLayer]) -> dict[str, Any]:
+    shared = hybrids[0].shared_weight.reshape(-1).to(torch.float64)
+    if hybrids[0].shared_bias is not None:
+        shared = torch.cat([shared, hybrids[0].shared_bias.to(torch.float64)])
+    norms = stacked.norm(dim=1).clamp_min(1e-30)
+    recon = torch.stack([shared + h.delta().to(torch.float64) for h in hybrids])
+    return {
+        "entries": int(stacked.shape[1]),
+        "nnz": [h.nnz for h in hybrids],
+        "relative_distance": [round(float(v), 6) for v in (stacked - shared).norm(dim=1) / norms],
+        "relative_error": [round(float(v), 6) for v in (stacked - recon).norm(dim=1) / norms],
+    }
+
+
+def hybrid_groups(models: dict[str, nn.Module], names: Iterable[str] | None = None) -> dict[str, list[HybridLayer]]:
+    """``{layer: [its HybridLayer in each task]}`` for ``names`` (default: every Hybrid layer)."""
+    ref = next(iter(models.values()))
+    if names is None:
+        names = [n for n, m in ref.named_modules() if isinstance(m, HybridLayer)]
+    groups = {}
+    for name in names:
+        group = [m.get_submodule(name) for m in models.values()]
+        if not all(isinstance(layer, HybridLayer) for layer in group):
+            raise ValueError(f"layer {name!r} is not a HybridLayer in every task model")
+        groups[name] = group
+    return groups
+
+
+def prune_deltas(
+    groups: dict[str, list[HybridLayer]], *, density: float | None = None, budget: int | None = None
+) -> int:
+    """Keep the largest delta values: ``density`` of each layer per task, or ``budget`` in all.
+
+    Returns the non-zeros left. Deltas never grow: a layer below the target keeps what it has.
+    """
+    members = [layer for group in groups.values() for layer in group]
+    counts = allocate_nonzeros(
+        [layer.delta_values.detach().abs() for layer in members],
+        [layer.numel for layer in members],
+        density=density,
+        budget=budget,
+    )
+    for layer, k in zip(members, counts, strict=True):
+        layer.keep_largest(k)
+    return sum(layer.nnz for layer in members)
+
+
+def nonzero_schedule(start: float, end: float, steps: int) -> list[float]:
+    """The cubic magnitude-pruning schedule (Zhu & Gupta 2017) from ``start`` down to ``end``.
+
+    ``steps`` values; the last is ``end``. Step ``i`` (1-based) is
+    ``end + (start - end) * (1 - i / steps) ** 3``: fast pruning first, gentle near the target.
+
+    >>> nonzero_schedule(0.4, 0.1, 3)
+    [0.18888888888888888, 0.11111111111111112, 0.1]
+    """
+    if steps < 0:
+        raise ValueError(f"steps: expected an integer >= 0, got {steps}")
+    return [end + (start - end) * (1 - i / steps) ** 3 for i in range(1, steps + 1)]
+
+
+def _add_l1(values: Tensor, strength: float, grad: Tensor) -> Tensor:
+    return grad + strength * values.detach().sign()
+
+
+@contextlib.contextmanager
+def l1_penalty(layers: Iterable[HybridLayer], strength: float) -> Iterator[None]:
+    """While open, the gradients of the layers' delta values carry ``strength * sign(value)``.
+
+    That is the (sub)gradient of ``strength * sum |S_t|_1`` added to the loss, without changing
+    the training loop: ``fit`` stays as it is.
+    """
+    handles = []
+    if strength:
+        for layer in layers:
+            values = layer.delta_values
+            handles.append(values.register_hook(functools.partial(_add_l1, values, strength)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def train_hybrid(
+    bundle: Bundle,
+    data: dict[str, TaskData],
+    config: FitConfig,
+    *,
+    names: Iterable[str] | None = None,
+    density: float | None = None,
+    budget: int | None = None,
+    l1: float = 0.0,
+    prune_epochs: int | None = None,
+    seed: int = 0,
+    progress: Callable[..., Iterable] | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune all tasks jointly while the deltas shrink to the target on a cubic schedule.
+
+    Each epoch is one ``fit`` call (joint, the learning rate following ``config.schedule``
+    across epochs) with the L1 penalty on the deltas; after each of the first ``prune_epochs``
+    epochs the deltas are cut back by magnitude to the schedule's next level, the last one the
+    target. The remaining epochs train with the masks fixed.
+
+    Parameters
+    ----------
+    bundle, data
+        The Hybrid bundle and every task's data.
+    config
+        Length (``epochs``), optimiser and batches; ``joint`` is implied.
+    names
+        The layers on the schedule (default: every Hybrid layer); others train unpruned.
+    density, budget
+        The target (exactly one), as in ``hybridize``.
+    l1
+        Strength of the L1 penalty ``l1 * sum_t |S_t|_1``.
+    prune_epochs
+        Epochs over which the schedule runs, ``0 <= prune_epochs <= epochs``; default
+        ``epochs - 1`` (at least one epoch with fixed masks). With 0 the deltas are cut to the
+        target before training.
+
+    Returns
+    -------
+    list[dict]
+        Per epoch: ``{"epoch", "lr", "nonzeros", "loss": {task: float}}``.
+    """
+    check_target(density, budget)
+    epochs = config.epochs
+    prune_epochs = max(0, epochs - 1) if prune_epochs is None else prune_epochs
+    if not 0 <= prune_epochs <= epochs:
+        raise ValueError(f"prune_epochs: expected an integer in [0, epochs={epochs}], got {prune_epochs}")
+    if l1 < 0:
+        raise ValueError(f"l1: expected a number >= 0, got {l1}")
+    groups = hybrid_groups(bundle.models, names)
+    members = [layer for group in groups.values() for layer in group]
+    if density is not None:
+        start = max((layer.nnz / layer.numel for layer in members), default=0.0)
+        levels = [{"density": v} for v in nonzero_schedule(start, density, prune_epochs)]
+    else:
+        start = sum(layer.nnz for layer in members)
+        levels = [{"budget": round(v)} for v in nonzero_schedule(start, budget, prune_epochs)]
+    if prune_epochs == 0:
+        prune_deltas(groups, density=density, budget=budget)
+    records = []
+    for epoch in range(epochs):
+        lr = config.lr
+        if config.schedule == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        step = dataclasses.replace(config, epochs=1, lr=lr, schedule="constant", joint=True)
+        # Pruning replaced the values: the hooks go on the current ones, each epoch.
+        with l1_penalty(members, l1):
+            losses = fit(bundle.models, data, step, seed=seed + epoch, progress=progress)
+        if epoch < prune_epochs:
+            prune_deltas(groups, **levels[epoch])
+        records.append(
+            {"epoch": epoch + 1, "lr": lr, "nonzeros": sum(m.nnz for m in members), "loss": losses}
+        )
+    return records
+
+
+def hybrid_storage(bundle: Bundle) -> dict[str, int]:
+    """What the bundle stores, in bytes, by kind: exactly the tensors ``Bundle.save`` writes.
+
+    Returns
+    -------
+    dict
+        ``shared_bytes`` (Hybrid shared weights and biases), ``value_bytes`` and
+        ``index_bytes`` (the deltas), ``other_bytes`` (everything else), ``tensor_bytes``
+        (their sum: the data section of ``tensors.safetensors``), ``file_bytes`` (the whole
+        file, with its header), and ``nonzeros`` (delta values over all tasks).
+    """
+    tensors = bundle.stored_tensors()
+    kinds = {"shared_weight": "shared", "shared_bias": "shared", "delta_values": "value", "delta_indices": "index"}
+    out = dict.fromkeys(("shared_bytes", "value_bytes", "index_bytes", "other_bytes"), 0)
+    nonzeros = 0
+    for key, tensor in tensors.items():
+        kind = kinds.get(key.rpartition(".")[2], "other")
+        out[f"{kind}_bytes"] += tensor.numel() * tensor.element_size()
+        nonzeros += tensor.numel() if kind == "value" else 0
+    out["tensor_bytes"] = sum(out.values())
+    out["file_bytes"] = state_bytes(tensors)
+    out["nonzeros"] = nonzeros
+    return out
