@@ -37,7 +37,6 @@ from jtucker_plugin.data import (
 )
 from jtucker_plugin.recipe.schema import ConfigError, from_dict
 
-REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -89,12 +88,11 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def shared(name: str) -> Path:
-    """A file of the real data, or a skip when the shared data folder is absent."""
-    root = Path(os.environ.get("JTUCKER_DATA") or REPO.parent / "shared" / "data")
-    if not (root / name).exists():
-        pytest.skip(f"real data {name} not found in {root} (set JTUCKER_DATA)")
-    return root / name
+def need(shared_data: Path, name: str) -> Path:
+    """A file of the real data folder, or a skip when it is not there."""
+    if not (shared_data / name).exists():
+        pytest.skip(f"real data {name} not found in {shared_data}")
+    return shared_data / name
 
 
 @pytest.fixture
@@ -129,8 +127,11 @@ def load(path: Path, cache: Path, seed: int = 0, **fields) -> TaskData:
         ({"dataset": "digits", "classes": []}, r"^classes: expected a non-empty list"),
         ({"dataset": "digits", "classes": [1, -2]}, r"^classes: .*got -2"),
         ({"dataset": "digits", "classes": ["1", 2, "1"]}, r"^classes: .*'1' twice"),
-        ({"dataset": "digits", "mean": [0.5, 0.5]}, r"^mean: expected a list of 1 or 3 numbers"),
-        ({"dataset": "digits", "channels": 1, "std": [0.2] * 3}, r"^std: expected .* 1 numbers"),
+        (
+            {"dataset": "digits", "mean": [0.5, 0.5]},
+            r"^mean: expected a list of one number, or one per channel \(3\), got \[0.5, 0.5\]$",
+        ),
+        ({"dataset": "digits", "channels": 1, "std": [0.2] * 3}, r"^std: .* one per channel \(1\)"),
         ({"dataset": "digits", "std": [0.2, 0.0, 0.2]}, r"^std: expected positive numbers"),
     ],
 )
@@ -153,9 +154,7 @@ def test_required_paths_resolve_against_data_root(tmp_path: Path) -> None:
     assert required_paths(DataSpec(dataset="npz", path="sub/a.npz"), root) == [
         ("path", tmp_path / "sub" / "a.npz")
     ]
-    assert required_paths(DataSpec(dataset="npz", path="/abs/a.npz"), root) == [
-        ("path", Path("/abs/a.npz"))
-    ]
+    assert required_paths(DataSpec(dataset="npz", path="/abs/a.npz"), root) == [("path", Path("/abs/a.npz"))]
     assert required_paths(DataSpec(dataset="cifar10", root="tv"), root) == [
         ("root", tmp_path / "tv" / "cifar-10-batches-py")
     ]
@@ -212,8 +211,7 @@ def test_per_class_caps_sample_within_each_class(folder: Path, tmp_path: Path) -
     assert len(set(where)) == 9
     assert [c for c, _ in where] == data.train.labels.tolist()
     samples = {
-        tuple(origin(load(folder, tmp_path / "c", seed=s, train_per_class=3).train.images))
-        for s in range(4)
+        tuple(origin(load(folder, tmp_path / "c", seed=s, train_per_class=3).train.images)) for s in range(4)
     }
     assert len(samples) > 1, "different seeds should pick different images"
 
@@ -290,14 +288,18 @@ def test_images_of_different_sizes_need_image_size(tmp_path: Path) -> None:
 
 def test_imagefolder_layout_is_checked(tmp_path: Path) -> None:
     (tmp_path / "flat" / "cat").mkdir(parents=True)
-    with pytest.raises(
-        ValueError, match=r"^path: .* is not an ImageFolder dataset: expected train"
-    ):
+    with pytest.raises(ValueError, match=r"^path: .* is not an ImageFolder dataset: expected train"):
         load(tmp_path / "flat", tmp_path / "cache")
     root = make_imagefolder(tmp_path / "extra", counts={"a": 2})
     (root / "test" / "zebra").mkdir()
-    with pytest.raises(ValueError, match=r"has classes not in train: zebra"):
+    with pytest.raises(ValueError, match=r"^path: .*extra has test classes not in train: zebra"):
         load(root, tmp_path / "cache")
+    only_train = tmp_path / "train-only.tar.gz"
+    with tarfile.open(only_train, "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+    with pytest.raises(ValueError, match=r"^path: .*train-only.tar.gz is not an ImageFolder"):
+        load(only_train, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "extracted").iterdir()) == []
 
 
 # -- tarballs and caches ------------------------------------------------------------------------
@@ -315,16 +317,17 @@ def test_tarball_loads_like_its_folder(folder: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "extracted").iterdir())) == 2
 
 
-def test_extracted_tarball_is_reused(folder: Path, tmp_path: Path) -> None:
+def test_unpacked_tarball_is_reused(folder: Path, tmp_path: Path) -> None:
     tarball = make_tarball(folder, tmp_path / "pets.tar.gz")
     cache = tmp_path / "cache"
-    assert len(load(tarball, cache).train) == 15
-    (extracted,) = (cache / "extracted").iterdir()
-    # Only a reused extraction can show an image that is not in the tarball.
-    Image.fromarray(pixels(0, 9)).save(extracted / "train" / "ant" / "999.png")
-    again = load(tarball, cache)
-    assert len(again.train) == 16
-    assert (0, 9) in origin(again.train.images)
+    first = load(tarball, cache, train_per_class=2)
+    (unpacked,) = (cache / "extracted").iterdir()
+    before = (unpacked / "images.bin").stat()
+    again = load(tarball, cache, train_per_class=2)
+    after = (unpacked / "images.bin").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert torch.equal(first.train.images, again.train.images)
+    assert sorted(p.name for p in unpacked.iterdir()) == ["images.bin", "index.json"]
 
 
 def test_leftover_temp_dirs_are_ignored_and_cleaned(folder: Path, tmp_path: Path) -> None:
@@ -343,7 +346,7 @@ def test_leftover_temp_dirs_are_ignored_and_cleaned(folder: Path, tmp_path: Path
     assert len(data.train) == 15
     assert not stale.exists()
     assert busy.exists()
-    assert (parent / name / "train" / "ant" / "000.png").exists()
+    assert (parent / name / "index.json").exists()
 
 
 def test_failed_extraction_leaves_no_cache(folder: Path, tmp_path: Path) -> None:
@@ -362,7 +365,7 @@ def test_tarball_members_cannot_escape(tmp_path: Path) -> None:
     with tarfile.open(evil, "w:gz") as tar:
         tar.add(payload, arcname="train/a/000.png")
         tar.add(payload, arcname="../escaped.png")
-    with pytest.raises(ValueError, match=r"^path: .*evil.tar.gz has an unsafe member"):
+    with pytest.raises(ValueError, match=r"^path: .*evil.tar.gz has an unsafe member '../escaped.png'"):
         load(evil, tmp_path / "cache")
     assert list((tmp_path / "cache" / "extracted").iterdir()) == []  # nothing, not even a.png
     assert not (tmp_path / "cache" / "escaped.png").exists()
@@ -429,9 +432,7 @@ def test_npz_without_names_or_arrays(tmp_path: Path) -> None:
     ("dataset", "folder", "suffix"),
     [("fashionmnist", "FashionMNIST", ".gz"), ("mnist", "MNIST", "")],
 )
-def test_idx_files_are_read_gzipped_or_plain(
-    tmp_path: Path, dataset: str, folder: str, suffix: str
-) -> None:
+def test_idx_files_are_read_gzipped_or_plain(tmp_path: Path, dataset: str, folder: str, suffix: str) -> None:
     raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -535,9 +536,7 @@ def test_batches_follow_order_and_normalise() -> None:
     ds = ArrayDataset(torch.randint(0, 256, (10, 3, 6, 6), dtype=torch.uint8), torch.arange(10))
     batches = list(iterate_batches(ds, 4))
     assert [len(y) for _, y in batches] == [4, 4, 2]
-    assert torch.equal(
-        torch.cat([x for x, _ in batches]), torch.stack([ds[i][0] for i in range(10)])
-    )
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.stack([ds[i][0] for i in range(10)]))
     shuffled = [y for _, y in iterate_batches(ds, 4, shuffle=True, seed=3)]
     assert sorted(torch.cat(shuffled).tolist()) == list(range(10))
     again = [y for _, y in iterate_batches(ds, 4, shuffle=True, seed=3)]
@@ -563,15 +562,11 @@ def test_augmentation_is_a_padded_crop_and_flip() -> None:
             for dx in range(2 * pad + 1)
             for flip in (False, True)
             if torch.equal(
-                ds.normalize(
-                    (padded.flip(2) if flip else padded)[:, dy : dy + size, dx : dx + size]
-                ),
+                ds.normalize((padded.flip(2) if flip else padded)[:, dy : dy + size, dx : dx + size]),
                 x[k],
             )
         ]
-        assert len(matches) == 1, (
-            f"batch image {k} is not a crop of its padded, maybe flipped, source"
-        )
+        assert len(matches) == 1, f"batch image {k} is not a crop of its padded, maybe flipped, source"
         ((dy, dx, flip),) = matches
         flips.add(flip)
         shifted |= (dy, dx) != (pad, pad)
@@ -583,8 +578,8 @@ def test_augmentation_is_a_padded_crop_and_flip() -> None:
 
 
 @pytest.mark.shared_data
-def test_cifar10_tarball_vehicles() -> None:
-    tarball = shared("cifar10-jpeg-imagefolder.tar.gz")
+def test_cifar10_tarball_vehicles(shared_data: Path) -> None:
+    tarball = need(shared_data, "cifar10-jpeg-imagefolder.tar.gz")
     vehicles = ["airplane", "automobile", "ship", "truck"]
     spec = DataSpec(
         dataset="imagefolder",
@@ -593,14 +588,14 @@ def test_cifar10_tarball_vehicles() -> None:
         train_per_class=20,
         val_fraction=0.25,
     )
-    data = load_task_data(spec, seed=0)  # cache: $JTUCKER_CACHE or ~/.cache/jtucker_plugin
+    data = load_task_data(spec, seed=0)  # cache: $JTUCKER_CACHE, set by conftest
     assert data.class_names == vehicles
     assert data.input_shape == (3, 32, 32)
     assert data.train.labels.bincount().tolist() == [15] * 4
     assert data.val.labels.bincount().tolist() == [5] * 4
     assert data.test.labels.bincount().tolist() == [1000] * 4
     # Known images: the lossless copies of official test images 3 (airplane) and 1 (ship).
-    lossless = np.load(shared("cifar10-lossless-subset.npz"))["x_test"]
+    lossless = np.load(need(shared_data, "cifar10-lossless-subset.npz"))["x_test"]
     for index, label in ((3, 0), (1, 2)):
         reference = torch.from_numpy(lossless[index].transpose(2, 0, 1)).float()
         distance = (data.test.images.float() - reference).abs().mean(dim=(1, 2, 3))
@@ -610,8 +605,8 @@ def test_cifar10_tarball_vehicles() -> None:
 
 
 @pytest.mark.shared_data
-def test_fashion_mnist_at_32x32x3() -> None:
-    root = shared("FashionMNIST/raw").parents[1]
+def test_fashion_mnist_at_32x32x3(shared_data: Path) -> None:
+    root = need(shared_data, "FashionMNIST/raw").parents[1]
     data = load_task_data(DataSpec(dataset="fashionmnist", image_size=32, channels=3), root)
     assert data.input_shape == (3, 32, 32)
     assert (len(data.train), len(data.test)) == (60000, 10000)
@@ -621,13 +616,11 @@ def test_fashion_mnist_at_32x32x3() -> None:
 
 
 @pytest.mark.shared_data
-def test_cifar10_lossless_npz() -> None:
-    path = shared("cifar10-lossless-subset.npz")
+def test_cifar10_lossless_npz(shared_data: Path) -> None:
+    path = need(shared_data, "cifar10-lossless-subset.npz")
     data = load_task_data(DataSpec(dataset="npz", path=path.name), path.parent)
     arrays = np.load(path)
     assert (len(data.train), len(data.test)) == (2000, 1000)
     assert data.class_names == CIFAR10
     assert torch.equal(data.test.labels, torch.from_numpy(arrays["y_test"].astype(np.int64)))
-    assert torch.equal(
-        data.test.images[0], torch.from_numpy(arrays["x_test"][0].transpose(2, 0, 1))
-    )
+    assert torch.equal(data.test.images[0], torch.from_numpy(arrays["x_test"][0].transpose(2, 0, 1)))
