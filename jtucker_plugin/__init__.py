@@ -33,6 +33,11 @@ _API = {
     "register_layer": "jtucker_plugin.layers",
     "joint_tucker": "jtucker_plugin.decompose.tucker",
     "tucker2": "jtucker_plugin.decompose.tucker",
+    "select_ranks": "jtucker_plugin.decompose.ranks",
+    "register_rank_strategy": "jtucker_plugin.decompose.ranks",
+    "decompose_bundle": "jtucker_plugin.decompose.apply",
+    "NaiveBayesImportance": "jtucker_plugin.prune.naive_bayes",
+    "prune_bundle": "jtucker_plugin.prune.prune",
 }
 
 __all__ = ["__version__", *_API]

@@ -17,15 +17,27 @@ CALIBRATION_SAMPLES = 512
 """Samples per task on which rank searches score a candidate (accuracy proxy)."""
 
 # Channel pruning (prune/)
-PRUNING_RATIO = 0.3
-"""Share of each layer's (or, with global pruning, of all) channels removed."""
-PRUNE_ITERATIVE_STEPS = 10
-"""Pruning steps, importance re-estimated before each; with a MACs target, the schedule's steps."""
+PRUNE_ITERATIVE_STEPS = 3
+"""Pruning steps, the importance re-estimated before each (step k of a MACs target aims at
+``macs_target ** (k / steps)``)."""
 MAX_PRUNING_RATIO = 0.9
-"""No layer loses more than this share of its channels (the end of a MACs target's schedule)."""
+"""No layer loses more than this share of its channels (in one step, with a MACs target)."""
 PRUNE_CALIBRATION_BATCHES = 2
 """Batches per task on which data-driven importances (naive Bayes, Taylor) are measured."""
 NAIVE_BAYES_PROBES = 48
 """Channels masked one at a time to label the naive-Bayes classifier."""
 NAIVE_BAYES_VAR_SMOOTHING = 1e-2
 """Added to every variance of the naive-Bayes classifier, times the largest feature variance."""
+
+# Intel Neural Compressor integration (integrations/neural_compressor.py, stages/quantize.py)
+RANK_ENERGY = 0.9
+"""Energy kept per mode when a Tucker config names no rank (INC's TuckerConfig/JTuckerConfig)."""
+CALIBRATION_BATCHES = 8
+"""Batches of each task's own training images on which int8 static quantization calibrates."""
+
+# ONNX export (integrations/onnx.py)
+ONNX_OPSET = 17
+"""The opset of exported task models (onnxruntime >= 1.17 runs it)."""
+ONNX_ATOL = 1e-4
+ONNX_RTOL = 1e-4
+"""How far onnxruntime's logits may be from PyTorch's: |ort - torch| <= atol + rtol * |torch|."""

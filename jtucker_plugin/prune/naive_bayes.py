@@ -30,11 +30,12 @@ network), or with ``labels="consensus"``, the labels are instead the top and bot
 channels by their mean rank over the features (a consensus of the classic criteria).
 
 The Gaussian naive Bayes is written out here (``fit_gaussian_nb``, ``nb_log_odds``) rather than
-taken from scikit-learn: a group may lack a feature (no batch norm after a Tucker core, no
-gradient for frozen layers), and leaving a missing feature out of the product of likelihoods is
-a one-line change here, while ``sklearn.naive_bayes.GaussianNB`` rejects NaN. It follows
-``GaussianNB``'s estimates exactly (class priors, per-class means and biased variances, plus
-``var_smoothing`` times the largest feature variance), which a test checks.
+taken from scikit-learn, for two reasons. A group may lack a feature (no batch norm after a
+Tucker core, no gradient for frozen layers): leaving a missing feature out of the product of
+likelihoods is a one-line change here, while ``sklearn.naive_bayes.GaussianNB`` rejects NaN.
+And the classes share one variance per feature (pooled), so that the posterior is monotone in
+every feature (see ``fit_gaussian_nb``). With ``shared_variance=False`` it gives exactly
+``GaussianNB``'s posterior, which a test checks.
 
 Groups that are not scored (``None``, which torch-pruning's pruners skip):
 
@@ -47,10 +48,10 @@ Groups that are not scored (``None``, which torch-pruning's pruners skip):
   channels must cover the same share of its channels as the group's root does.
 - groups no layer consumes: the model's outputs (the classifier's classes).
 
-Scores are computed once per state of the model (its parameters' identities, shapes and
-versions) and reused for every group of that state, so an iterative pruner re-estimates them
-after each step. The calibration runs the model in eval mode and leaves its training flags and
-gradients as they were. Everything is deterministic under ``seed``.
+Scores are computed once per state of the model (its parameters' and buffers' identities,
+shapes and versions) and reused for every group of that state, so an iterative pruner
+re-estimates them after each step. The calibration runs the model in eval mode and leaves its
+training flags and gradients as they were. Everything is deterministic under ``seed``.
 
 Examples
 --------
@@ -105,13 +106,23 @@ class GaussianNB:
     var: Tensor
 
 
-def fit_gaussian_nb(X: Tensor, y: Tensor, *, var_smoothing: float = defaults.NAIVE_BAYES_VAR_SMOOTHING) -> GaussianNB:
+def fit_gaussian_nb(
+    X: Tensor,
+    y: Tensor,
+    *,
+    var_smoothing: float = defaults.NAIVE_BAYES_VAR_SMOOTHING,
+    shared_variance: bool = True,
+) -> GaussianNB:
     """Fit a two-class Gaussian naive Bayes on ``X`` (n x features, NaN = missing), ``y`` in {0, 1}.
 
     Per class and feature: the mean and biased variance of the non-missing values, plus
-    ``var_smoothing`` times the largest variance of any feature (``sklearn.naive_bayes.GaussianNB``
-    does the same). A feature a class never has gets mean 0 and variance 1 (uninformative after
-    standardisation).
+    ``var_smoothing`` times the largest variance of any feature. With
+    ``shared_variance=False`` this is exactly ``sklearn.naive_bayes.GaussianNB``. With
+    ``shared_variance=True`` (the default) both classes get the pooled within-class variance:
+    with unequal variances the log-odds are quadratic in each feature, so a channel far outside
+    the labelled range (a dead one, a huge one) goes to whichever class is wider instead of the
+    side its values point to; pooled, the posterior is monotone in every feature. A feature a
+    class never has gets mean 0 and variance 1 (uninformative after standardisation).
 
     Raises
     ------
@@ -121,26 +132,31 @@ def fit_gaussian_nb(X: Tensor, y: Tensor, *, var_smoothing: float = defaults.NAI
     X = X.to(torch.float64)
     y = y.to(torch.long)
     if X.dim() != 2 or y.shape != (X.shape[0],):
-        raise ValueError(f"fit_gaussian_nb: expected X (n x f) and y (n,), got {tuple(X.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"fit_gaussian_nb: expected X (n x f) and y (n,), got {tuple(X.shape)} and {tuple(y.shape)}"
+        )
     counts = torch.stack([(y == c).sum() for c in (0, 1)])
     if (counts == 0).any():
         raise ValueError(f"fit_gaussian_nb: both classes need samples, got counts {counts.tolist()}")
     epsilon = var_smoothing * float(torch.nan_to_num(_nanvar(X), nan=0.0).max())
-    means, variances = [], []
-    for c in (0, 1):
-        rows = X[y == c]
-        mean, var = _nanmean(rows), _nanvar(rows)
-        means.append(torch.nan_to_num(mean, nan=0.0))
-        variances.append(torch.nan_to_num(var, nan=1.0) + epsilon)
+    mean = torch.stack([torch.nan_to_num(_nanmean(X[y == c]), nan=0.0) for c in (0, 1)])
+    var = torch.stack([torch.nan_to_num(_nanvar(X[y == c]), nan=1.0) for c in (0, 1)])
+    if shared_variance:
+        present = torch.stack([(~X[y == c].isnan()).sum(0) for c in (0, 1)]).double()
+        pooled = (var * present).sum(0) / present.sum(0).clamp_min(1)
+        var = pooled.expand(2, -1)
     # A feature constant everywhere would give a zero variance: floor it.
-    var = torch.stack(variances).clamp_min(1e-12)
-    return GaussianNB((counts / counts.sum()).log(), torch.stack(means), var)
+    var = (var + epsilon).clamp_min(1e-12)
+    return GaussianNB((counts / counts.sum()).log(), mean, var)
 
 
 def nb_log_odds(model: GaussianNB, X: Tensor) -> Tensor:
     """log P(important | x) - log P(unimportant | x) per row of ``X``; NaN features are left out."""
     X = X.to(torch.float64)
-    log_lik = -0.5 * ((X[None] - model.mean[:, None]) ** 2 / model.var[:, None] + torch.log(2 * math.pi * model.var[:, None]))
+    log_lik = -0.5 * (
+        (X[None] - model.mean[:, None]) ** 2 / model.var[:, None]
+        + torch.log(2 * math.pi * model.var[:, None])
+    )
     log_lik = torch.nan_to_num(log_lik, nan=0.0).sum(-1)  # 2 x n
     return (model.log_prior[1] + log_lik[1]) - (model.log_prior[0] + log_lik[0])
 
@@ -195,7 +211,9 @@ def crosses_channel_change(group: Any) -> bool:
         return False
     for dep, idxs in group:
         module = dep.target.module
-        if not isinstance(module, (*_CONV_LINEAR, _BATCHNORM)) or not DG.is_out_channel_pruning_fn(dep.handler):
+        if not isinstance(module, (*_CONV_LINEAR, _BATCHNORM)) or not DG.is_out_channel_pruning_fn(
+            dep.handler
+        ):
             continue
         channels = _channels(DG, dep)
         if channels and len(set(idxs)) * root_channels != len(set(root_idxs)) * channels:
@@ -293,7 +311,10 @@ class _Calibration:
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((id(p), tuple(p.shape), p._version) for p in model.parameters())
+    # A pruned tensor is a new object of a new shape; an optimiser step or a training-mode forward
+    # (batch-norm statistics) updates tensors in place, which bumps their version counter.
+    tensors = (*model.parameters(), *model.buffers())
+    return tuple((id(t), tuple(t.shape), t._version) for t in tensors)
 
 
 class NaiveBayesImportance(tp.importance.Importance):
@@ -345,7 +366,9 @@ class NaiveBayesImportance(tp.importance.Importance):
     ):
         for name, value, minimum in (("calibration_batches", calibration_batches, 1), ("probes", probes, 4)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"NaiveBayesImportance: {name} must be an integer >= {minimum}, got {value!r}")
+                raise ValueError(
+                    f"NaiveBayesImportance: {name} must be an integer >= {minimum}, got {value!r}"
+                )
         if labels not in _LABEL_CHOICES:
             raise ValueError(f"NaiveBayesImportance: labels must be one of {_LABEL_CHOICES}, got {labels!r}")
         if not var_smoothing > 0:
@@ -355,9 +378,10 @@ class NaiveBayesImportance(tp.importance.Importance):
             if i >= calibration_batches:
                 break
             if not isinstance(batch, list | tuple) or len(batch) != 2:
+                length = f" of length {len(batch)}" if isinstance(batch, list | tuple) else ""
                 raise TypeError(
-                    f"NaiveBayesImportance: calibration[{i}] must be an (inputs, targets) pair, got "
-                    f"{type(batch).__name__}{'' if not isinstance(batch, list | tuple) else f' of length {len(batch)}'}"
+                    f"NaiveBayesImportance: calibration[{i}] must be an (inputs, targets) pair, "
+                    f"got {type(batch).__name__}{length}"
                 )
             batches.append((batch[0], batch[1]))
         if not batches:
@@ -394,7 +418,11 @@ class NaiveBayesImportance(tp.importance.Importance):
         fingerprint = _fingerprint(model)
         if self._state is not None and self._state.fingerprint == fingerprint:
             return self._state
-        groups = [g for g in DG.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)) if is_scorable(g)]
+        groups = [
+            g
+            for g in DG.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
+            if is_scorable(g)
+        ]
         if not groups:
             raise ValueError(f"NaiveBayesImportance: {type(model).__name__} has no prunable group to score")
         plans = [consumers(g) for g in groups]
@@ -428,7 +456,11 @@ class NaiveBayesImportance(tp.importance.Importance):
                 with torch.enable_grad():
                     loss = self.loss_fn(self.forward_fn(model, x), y)
                     tensors = list({id(t): t for _, t in captured}.values())
-                    grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors and loss.requires_grad else []
+                    grads = (
+                        torch.autograd.grad(loss, tensors, allow_unused=True)
+                        if tensors and loss.requires_grad
+                        else []
+                    )
                 grad_of = {id(t): g for t, g in zip(tensors, grads, strict=True)}
                 for key, t in captured:
                     if grad_of.get(id(t)) is not None:
@@ -457,7 +489,9 @@ class NaiveBayesImportance(tp.importance.Importance):
         self._state = _Calibration(fingerprint, stats, batches, center, scale, floors, classifier, used)
         return self._state
 
-    def _labelled(self, groups, plans, standardised, masks, model, device, base_loss) -> tuple[Tensor, Tensor, str]:
+    def _labelled(
+        self, groups, plans, standardised, masks, model, device, base_loss
+    ) -> tuple[Tensor, Tensor, str]:
         if self.labels == "masking":
             x, y = _to(self.batches[0][0], device), _to(self.batches[0][1], device)
             chosen, deltas = [], []
@@ -506,7 +540,10 @@ def _consensus_labels(X: Tensor) -> tuple[Tensor, Tensor]:
             order = X[present, j].argsort().argsort().double()
             ranks[present, j] = (order / (present.sum() - 1) - 0.5) * _FEATURE_SIGN[j]
     consensus = _nanmean(ranks.T).nan_to_num(0.0)
-    low, high = torch.quantile(consensus, _CONSENSUS_QUANTILE), torch.quantile(consensus, 1 - _CONSENSUS_QUANTILE)
+    low, high = (
+        torch.quantile(consensus, _CONSENSUS_QUANTILE),
+        torch.quantile(consensus, 1 - _CONSENSUS_QUANTILE),
+    )
     keep = (consensus <= low) | (consensus >= high)
     labels = (consensus >= high).long()
     if labels[keep].sum() == 0 or labels[keep].sum() == keep.sum():

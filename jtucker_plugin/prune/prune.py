@@ -43,7 +43,7 @@ from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.prune.naive_bayes import NaiveBayesImportance, is_scorable
 
 IMPORTANCES = ("naive_bayes", "magnitude", "taylor", "lamp", "bn_scale")
-_BISECTION_STEPS = 12
+_BISECTION_STEPS = 10
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 Batch = tuple[Any, Any]
@@ -119,7 +119,12 @@ def make_importance(
     """
     if name == "naive_bayes":
         return NaiveBayesImportance(
-            calibration, loss_fn, calibration_batches=calibration_batches, probes=probes, labels=labels, seed=seed
+            calibration,
+            loss_fn,
+            calibration_batches=calibration_batches,
+            probes=probes,
+            labels=labels,
+            seed=seed,
         )
     makers = {
         "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
@@ -141,7 +146,10 @@ def joint_batches(calibration: dict[str, Sequence[Batch]]) -> list[Batch]:
     """Per-task batches zipped into ``BundleNet`` batches ``((x_1, ..., x_T), (y_1, ..., y_T))``."""
     tasks = list(calibration)
     n = min(len(calibration[t]) for t in tasks)
-    return [(tuple(calibration[t][i][0] for t in tasks), tuple(calibration[t][i][1] for t in tasks)) for i in range(n)]
+    return [
+        (tuple(calibration[t][i][0] for t in tasks), tuple(calibration[t][i][1] for t in tasks))
+        for i in range(n)
+    ]
 
 
 def ignored_modules(bundle: Bundle, patterns: Sequence[str]) -> list[nn.Module]:
@@ -154,7 +162,12 @@ def ignored_modules(bundle: Bundle, patterns: Sequence[str]) -> list[nn.Module]:
     """
     found: list[nn.Module] = []
     for i, pattern in enumerate(patterns):
-        matches = [m for model in bundle.models.values() for path, m in model.named_modules() if path and fnmatch.fnmatchcase(path, pattern)]
+        matches = [
+            m
+            for model in bundle.models.values()
+            for path, m in model.named_modules()
+            if path and fnmatch.fnmatchcase(path, pattern)
+        ]
         if not matches:
             example = [p for p, _ in next(iter(bundle.models.values())).named_modules() if p][:6]
             raise ValueError(
@@ -240,14 +253,24 @@ def prune_bundle(
     batches = joint_batches(ordered) if ordered else []
     imp = GuardedImportance(
         make_importance(
-            importance, calibration=batches, loss_fn=joint_loss, calibration_batches=max(1, len(batches)),
-            probes=probes, labels=labels, seed=seed,
+            importance,
+            calibration=batches,
+            loss_fn=joint_loss,
+            calibration_batches=max(1, len(batches)),
+            probes=probes,
+            labels=labels,
+            seed=seed,
         )
     )
     example = tuple(torch.zeros(2, *bundle.info[t].input_shape) for t in bundle.tasks)
     ignored = ignored_modules(bundle, ignored_layers)
-    options = {"global_pruning": global_pruning, "ignored_layers": ignored, "round_to": round_to,
-               "max_pruning_ratio": max_pruning_ratio, "root_module_types": list(_ROOT_TYPES)}
+    options = {
+        "global_pruning": global_pruning,
+        "ignored_layers": ignored,
+        "round_to": round_to,
+        "max_pruning_ratio": max_pruning_ratio,
+        "root_module_types": list(_ROOT_TYPES),
+    }
     prepare = (lambda: _accumulate_gradients(net, batches)) if needs_gradients(importance) else (lambda: None)
 
     macs_before, params_before = _bundle_macs(bundle), bundle.unique_parameters()
@@ -255,9 +278,16 @@ def prune_bundle(
     flags = [(m, m.training) for m in net.modules()]
     net.eval()  # tracing and scoring must not move batch-norm statistics
     try:
+        net_before = _net_macs(net, example)
         if pruning_ratio is not None:
-            pruner = tp.pruner.BasePruner(net, example, importance=imp, pruning_ratio=pruning_ratio,
-                                          iterative_steps=iterative_steps, **options)
+            pruner = tp.pruner.BasePruner(
+                net,
+                example,
+                importance=imp,
+                pruning_ratio=pruning_ratio,
+                iterative_steps=iterative_steps,
+                **options,
+            )
             for _ in range(iterative_steps):
                 prepare()
                 for group in pruner.step(interactive=True):
@@ -266,9 +296,9 @@ def prune_bundle(
         else:
             for k in range(1, iterative_steps + 1):
                 prepare()
-                goal = macs_before * macs_target ** (k / iterative_steps)
+                goal = net_before * macs_target ** (k / iterative_steps)
                 frozen = _frozen_scores(net, example, imp, options)
-                ratio = _ratio_for_macs(bundle, net, example, frozen, options, goal, max_pruning_ratio)
+                ratio = _ratio_for_macs(net, example, frozen, options, goal, max_pruning_ratio)
                 pruner = tp.pruner.BasePruner(net, example, importance=frozen, pruning_ratio=ratio, **options)
                 for group in pruner.step(interactive=True):
                     tracker.record(group)
@@ -276,8 +306,8 @@ def prune_bundle(
     finally:
         for m, flag in flags:
             m.training = flag
-        for p in net.parameters():
-            p.grad = None
+        if needs_gradients(importance):
+            net.zero_grad(set_to_none=True)
     macs_after = _bundle_macs(bundle)
     bundle.history.extend(tracker.records(stage))
     return {
@@ -294,7 +324,9 @@ def prune_bundle(
 
 def _check_amount(ratio: float | None, target: float | None, steps: int, max_ratio: float) -> None:
     if (ratio is None) == (target is None):
-        raise ValueError(f"pruning_ratio: give exactly one of pruning_ratio and macs_target, got {ratio!r} and {target!r}")
+        raise ValueError(
+            f"pruning_ratio: give exactly one of pruning_ratio and macs_target, got {ratio!r} and {target!r}"
+        )
     if ratio is not None and not 0 < ratio < 1:
         raise ValueError(f"pruning_ratio: expected a number in (0, 1), got {ratio!r}")
     if target is not None and not 0 < target < 1:
@@ -316,7 +348,9 @@ def _accumulate_gradients(net: BundleNet, batches: Sequence[Batch]) -> None:
             joint_loss(net(*x), y).backward()
 
 
-def _frozen_scores(net: BundleNet, example: tuple, imp: tp.importance.Importance, options: dict) -> _FrozenImportance:
+def _frozen_scores(
+    net: BundleNet, example: tuple, imp: tp.importance.Importance, options: dict
+) -> _FrozenImportance:
     DG = tp.DependencyGraph().build_dependency(net, example, verbose=False)
     scores = {}
     for group in DG.get_all_groups(ignored_layers=options["ignored_layers"], root_module_types=_ROOT_TYPES):
@@ -327,20 +361,24 @@ def _frozen_scores(net: BundleNet, example: tuple, imp: tp.importance.Importance
 
 
 def _ratio_for_macs(
-    bundle: Bundle, net: BundleNet, example: tuple, frozen: _FrozenImportance, options: dict, goal: float, max_ratio: float
+    net: BundleNet, example: tuple, frozen: _FrozenImportance, options: dict, goal: float, max_ratio: float
 ) -> float:
-    """The smallest channel ratio (to ~1/4096) whose pruning brings the bundle to ``goal`` MACs."""
+    """The smallest channel ratio (to ``max_ratio / 2**10``) whose pruning brings ``net`` to ``goal`` MACs."""
 
     def macs_at(ratio: float) -> int:
         trial = copy.deepcopy(net)
         ignored = [_same_module(trial, net, m) for m in options["ignored_layers"]]
-        tp.pruner.BasePruner(trial, example, importance=frozen, pruning_ratio=ratio, **{**options, "ignored_layers": ignored}).step()
-        return sum(count_macs(model, bundle.info[t].input_shape) for t, model in trial.models.items())
+        tp.pruner.BasePruner(
+            trial, example, importance=frozen, pruning_ratio=ratio, **{**options, "ignored_layers": ignored}
+        ).step()
+        return _net_macs(trial, example)
 
-    if macs_at(max_ratio) > goal:
+    reachable = macs_at(max_ratio)
+    if reachable > goal:
+        before = _net_macs(net, example)
         raise ValueError(
-            f"macs_target: cannot keep only {goal / _bundle_macs(bundle) * 100:.1f}% of the current MACs: at "
-            f"max_pruning_ratio={max_ratio} the prunable channels leave {macs_at(max_ratio) / _bundle_macs(bundle) * 100:.1f}%; "
+            f"macs_target: this step needs the bundle at {goal / before:.1%} of its current MACs, but "
+            f"pruning every scored layer by max_pruning_ratio={max_ratio} leaves {reachable / before:.1%}; "
             "raise macs_target, max_pruning_ratio or iterative_steps, or ignore fewer layers"
         )
     low, high = 0.0, max_ratio
@@ -351,6 +389,29 @@ def _ratio_for_macs(
         else:
             low = middle
     return high
+
+
+@torch.no_grad()
+def _net_macs(net: nn.Module, example: tuple) -> int:
+    """MACs of one forward pass per task at batch 1, counted as ``metrics.count_macs`` does
+    (conv and linear weights only, a module called by several tasks once per call) but in one
+    pass without copying: fast enough for a bisection."""
+    total = 0
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        nonlocal total
+        per_output = (
+            module.weight[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else module.in_features
+        )
+        total += output.numel() // output.shape[0] * per_output
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, _ROOT_TYPES)]
+    try:
+        net(*(x[:1] for x in example))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
 
 
 def _same_module(copy_root: nn.Module, original_root: nn.Module, module: nn.Module) -> nn.Module:
@@ -383,7 +444,9 @@ class _Tracker:
         gone = set(group[0].idxs)
         self.kept[key] = [c for i, c in enumerate(self.kept[key]) if i not in gone]
         users = {id(dep.target.module) for dep, _ in group}
-        self.tasks[key] |= {t for t, model in self.bundle.models.items() if any(id(m) in users for m in model.modules())}
+        self.tasks[key] |= {
+            t for t, model in self.bundle.models.items() if any(id(m) in users for m in model.modules())
+        }
 
     def records(self, stage: str) -> list[dict[str, Any]]:
         return [

@@ -33,6 +33,7 @@ _BUILTIN_MODULES = (
     "jtucker_plugin.stages.evaluate",
     "jtucker_plugin.stages.export",
     "jtucker_plugin.stages.decompose",
+    "jtucker_plugin.stages.prune",
 )
 
 
