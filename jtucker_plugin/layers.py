@@ -17,6 +17,7 @@ torch.Size([8, 3, 3, 3])
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,20 @@ from torch import nn
 from jtucker_plugin.recipe.schema import did_you_mean
 
 _LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]] = {}
+# The plugin's own layer types, registered when their modules are imported: a bundle must load in
+# a fresh process that has imported none of them.
+_BUILTIN_MODULES = (
+    "jtucker_plugin.models",
+    "jtucker_plugin.decompose.layers",
+    "jtucker_plugin.decompose.shared_core",
+    "jtucker_plugin.merge.hybrid",
+)
+
+
+def _layers() -> dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]]:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return _LAYERS
 
 
 def register_layer(
@@ -88,7 +103,7 @@ def build_layer(type_name: str, config: dict[str, Any]) -> nn.Module:
     KeyError
         If no layer type has that name.
     """
-    if type_name not in _LAYERS:
+    if type_name not in _layers():
         raise KeyError(
             f"unknown layer type {type_name!r}{did_you_mean(type_name, _LAYERS)}; "
             f"registered: {', '.join(sorted(_LAYERS))}"

@@ -34,6 +34,8 @@ _BUILTIN_MODULES = (
     "jtucker_plugin.stages.export",
     "jtucker_plugin.stages.decompose",
     "jtucker_plugin.stages.prune",
+    "jtucker_plugin.stages.quantize",
+    "jtucker_plugin.stages.share",
 )
 
 
