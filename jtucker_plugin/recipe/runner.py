@@ -8,6 +8,7 @@ resumes after the last finished stage whose inputs have not changed; ``force`` r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -28,20 +29,39 @@ from jtucker_plugin.report import Report, write_report
 
 
 def stage_fingerprints(recipe: Recipe) -> list[str]:
-    """One hash per stage, covering the tasks, the seed and every stage up to it."""
+    """One hash per stage, covering the tasks, the seed and every stage up to it.
+
+    Stage configs enter with their explicitly set fields only, and ``data_root`` as an absolute
+    path, so that a new optional field or another spelling of the same folder does not throw
+    away finished stages.
+    """
+    data_root = str(Path(recipe.data_root).expanduser().resolve()) if recipe.data_root else None
     head = {
         "version": __version__,
         "seed": recipe.seed,
-        "data_root": recipe.data_root,
+        "data_root": data_root,
         "tasks": to_dict(recipe.tasks),
     }
     digest = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
     out = []
     for stage in recipe.stages:
-        step = json.dumps([digest, stage.name, to_dict(stage.config)], sort_keys=True, default=str)
+        step = json.dumps([digest, stage.name, _explicit_fields(stage.config)], sort_keys=True, default=str)
         digest = hashlib.sha256(step.encode()).hexdigest()
         out.append(digest)
     return out
+
+
+def _explicit_fields(config: Any) -> dict[str, Any]:
+    defaults = to_dict(type(config)()) if _has_defaults(config) else {}
+    values = to_dict(config)
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
+def _has_defaults(config: Any) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(config)
+    )
 
 
 def build_bundle(recipe: Recipe, data: dict[str, TaskData]) -> Bundle:
