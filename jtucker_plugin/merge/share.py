@@ -123,9 +123,7 @@ def hard_share(
         params = sum(p.numel() for p in layer.parameters())
         shared[name] = {
             "params": params,
-            "relative_distance": {
-                t: round(_relative_distance(m, layer), 6) for t, m in originals.items()
-            },
+            "relative_distance": {t: round(_relative_distance(m, layer), 6) for t, m in originals.items()},
         }
         bundle.history.append(
             {"stage": stage, "layer": name, "tasks": list(tasks), "init": init, "params": params}

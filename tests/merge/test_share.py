@@ -155,9 +155,7 @@ def test_save_load_round_trip_keeps_the_sharing(tmp_path):
 def test_on_a_jtucker_bundle_the_cores_become_shared_and_survive_save_load(tmp_path):
     bundle = _bundle()
     ratio = RatioConfig(ratio=0.5)
-    decompose_bundle(
-        bundle, lambda infos, _: select_ranks(ratio, infos), joint=True, include=["layer*"]
-    )
+    decompose_bundle(bundle, lambda infos, _: select_ranks(ratio, infos), joint=True, include=["layer*"])
     a, b = bundle.models["a"], bundle.models["b"]
     # Per task before sharing: each Tucker layer's core, and the convs left dense.
     per_task = sum(
