@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +36,48 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+def tiny_recipe_data(
+    folder: Path,
+    stages: list,
+    *,
+    tasks: dict[str, list[str]] | None = None,
+    train_per_class: int = 40,
+    seed: int = 1,
+    name: str = "tiny",
+) -> dict:
+    """A recipe (as data) on scikit-learn's bundled digits at 8x8, ResNet-8 at half width: a
+    multi-task run that takes seconds. Tasks default to digits 0-2 (``a``) and 3-5 (``b``)."""
+    tasks = tasks or {"a": ["0", "1", "2"], "b": ["3", "4", "5"]}
+    data = {
+        "dataset": "digits",
+        "image_size": 8,
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.5],
+        "augment": False,
+        "train_per_class": train_per_class,
+    }
+    return {
+        "name": name,
+        "seed": seed,
+        "output": str(folder / "out"),
+        "tasks": {
+            t: {"data": {**data, "classes": c}, "model": {"arch": "resnet8", "width": 0.5}}
+            for t, c in tasks.items()
+        },
+        "stages": stages,
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """``tiny_recipe(stages, **options) -> path`` of a written ``tiny_recipe_data`` recipe."""
+
+    def write(stages: list, **options) -> Path:
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(tiny_recipe_data(tmp_path, stages, **options), sort_keys=False))
+        return path
+
+    return write

@@ -52,16 +52,19 @@ def stage_fingerprints(recipe: Recipe) -> list[str]:
 
 
 def _explicit_fields(config: Any) -> dict[str, Any]:
-    defaults = to_dict(type(config)()) if _has_defaults(config) else {}
-    values = to_dict(config)
-    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
-
-
-def _has_defaults(config: Any) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(config)
-    )
+    """The config's fields whose values differ from their declared defaults, as plain data."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = to_dict(getattr(config, f.name))
+        if f.default is not dataclasses.MISSING:
+            default = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = to_dict(f.default_factory())
+        else:
+            default = dataclasses.MISSING
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 def build_bundle(recipe: Recipe, data: dict[str, TaskData]) -> Bundle:

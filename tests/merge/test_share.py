@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe_data
 from torch import nn
 
 import jtucker_plugin.stages.share  # noqa: F401  (registers the stage until registry.py lists it)
@@ -176,30 +177,18 @@ def test_on_a_jtucker_bundle_the_cores_become_shared_and_survive_save_load(tmp_p
 
 
 def test_stage_in_a_recipe_then_joint_finetune_and_export(tmp_path):
-    task = lambda classes: {  # noqa: E731
-        "data": {
-            "dataset": "digits",
-            "classes": classes,
-            "image_size": 8,
-            "channels": 1,
-            "mean": [0.5],
-            "std": [0.5],
-            "augment": False,
-            "train_per_class": 20,
-        },
-        "model": {"arch": "resnet8", "width": 0.5},
-    }
-    recipe = {
-        "name": "share",
-        "seed": 0,
-        "output": str(tmp_path / "out"),
-        "tasks": {"a": task(["0", "1"]), "b": task(["2", "3", "4"])},
-        "stages": [
+    recipe = tiny_recipe_data(
+        tmp_path,
+        [
             {"share": {"init": "task:a", "keep_per_task": ["conv1"]}},
             {"finetune": {"epochs": 1, "joint": True, "batch_size": 16}},
             {"export": {}},
         ],
-    }
+        tasks={"a": ["0", "1"], "b": ["2", "3", "4"]},
+        train_per_class=20,
+        seed=0,
+        name="share",
+    )
     path = tmp_path / "share.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     report = run_recipe(load_recipe(path), quiet=True)

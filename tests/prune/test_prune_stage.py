@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import jtucker_plugin.stages.prune  # noqa: F401  (registers the stage; the lead adds it to the built-ins)
 from jtucker_plugin.cli import main
@@ -24,32 +23,6 @@ from jtucker_plugin.recipe.runner import run_recipe
 from jtucker_plugin.recipe.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tiny_recipe(tmp_path: Path, stages: list) -> Path:
-    task = lambda classes: {  # noqa: E731
-        "data": {
-            "dataset": "digits",
-            "classes": classes,
-            "image_size": 8,
-            "channels": 1,
-            "mean": [0.5],
-            "std": [0.5],
-            "augment": False,
-            "train_per_class": 40,
-        },
-        "model": {"arch": "resnet8", "width": 0.5},
-    }
-    data = {
-        "name": "tiny",
-        "seed": 1,
-        "output": str(tmp_path / "out"),
-        "tasks": {"a": task(["0", "1", "2"]), "b": task(["3", "4", "5"])},
-        "stages": stages,
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _jtucker_bundle(seed: int = 0) -> Bundle:
@@ -76,7 +49,7 @@ def _tucker_layers(bundle: Bundle) -> dict[str, dict[str, TuckerConv2d]]:
     }
 
 
-def test_stage_prunes_a_two_task_bundle_with_shared_factors(tmp_path):
+def test_stage_prunes_a_two_task_bundle_with_shared_factors(tmp_path, tiny_recipe):
     stages = [
         {"train": {"epochs": 1, "batch_size": 16}},
         {"jtucker": {"ranks": {"strategy": "ratio", "ratio": 0.75}, "min_params": 0}},
@@ -93,7 +66,7 @@ def test_stage_prunes_a_two_task_bundle_with_shared_factors(tmp_path):
         {"evaluate": {"latency": False}},
         {"export": {}},
     ]
-    report = run_recipe(load_recipe(_tiny_recipe(tmp_path, stages)), quiet=True)
+    report = run_recipe(load_recipe(tiny_recipe(stages)), quiet=True)
     out = tmp_path / "out"
     before = Bundle.load(out / "stages" / "01-jtucker" / "bundle")
     after = Bundle.load(out / "bundle")
@@ -231,8 +204,8 @@ def test_bad_arguments_say_where():
         ({"pruning_ratio": 0.3, "ratio": 0.3}, "stages[0].prune.ratio", "unknown key 'ratio'"),
     ],
 )
-def test_bad_config_values_name_the_field(tmp_path, fields, where, message):
-    path = _tiny_recipe(tmp_path, [{"prune": fields}])
+def test_bad_config_values_name_the_field(tiny_recipe, fields, where, message):
+    path = tiny_recipe([{"prune": fields}])
     with pytest.raises(ConfigError, match=message) as err:
         load_recipe(path)
     assert err.value.path == where

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jtucker_plugin.cli import main
 from jtucker_plugin.multitask import Bundle
@@ -16,39 +15,13 @@ from jtucker_plugin.recipe.runner import run_recipe
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _tiny_recipe(tmp_path: Path, stages: list) -> Path:
-    task = lambda classes: {  # noqa: E731
-        "data": {
-            "dataset": "digits",
-            "classes": classes,
-            "image_size": 8,
-            "channels": 1,
-            "mean": [0.5],
-            "std": [0.5],
-            "augment": False,
-            "train_per_class": 40,
-        },
-        "model": {"arch": "resnet8", "width": 0.5},
-    }
-    data = {
-        "name": "tiny",
-        "seed": 1,
-        "output": str(tmp_path / "out"),
-        "tasks": {"a": task(["0", "1", "2"]), "b": task(["3", "4", "5"])},
-        "stages": stages,
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
+def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path, tiny_recipe):
     stages = [
         {"train": {"epochs": 1, "batch_size": 16}},
         {"evaluate": {"latency": False}},
         {"export": {}},
     ]
-    path = _tiny_recipe(tmp_path, stages)
+    path = tiny_recipe(stages)
     first = run_recipe(load_recipe(path), quiet=True)
     assert [s["status"] for s in first.stages] == ["ran", "ran", "ran"]
     out = tmp_path / "out"
@@ -63,7 +36,7 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     stages[1] = {
         "evaluate": {"latency": False, "batch_size": 64}
     }  # a changed stage reruns, with what follows
-    path = _tiny_recipe(tmp_path, stages)
+    path = tiny_recipe(stages)
     third = run_recipe(load_recipe(path), quiet=True)
     assert [s["status"] for s in third.stages] == ["resumed", "ran", "ran"]
     assert checkpoint.stat().st_mtime_ns == stamp
@@ -75,7 +48,7 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
-def test_report_files_and_bundle(tmp_path):
+def test_report_files_and_bundle(tmp_path, tiny_recipe):
     stages = [
         {"train": {"epochs": 2, "batch_size": 16}},
         {"evaluate": {"repeats": 2}},
@@ -83,7 +56,7 @@ def test_report_files_and_bundle(tmp_path):
         {"evaluate": {"repeats": 2}},
         {"export": {}},
     ]
-    report = run_recipe(load_recipe(_tiny_recipe(tmp_path, stages)), quiet=True)
+    report = run_recipe(load_recipe(tiny_recipe(stages)), quiet=True)
     out = tmp_path / "out"
     data = json.loads((out / "report.json").read_text())
     for task in ("a", "b"):
@@ -97,8 +70,8 @@ def test_report_files_and_bundle(tmp_path):
     assert bundle.tasks == ["a", "b"] and report.bundle["unique_parameters"] == bundle.unique_parameters()
 
 
-def test_cli_validate_and_stages(tmp_path, capsys):
-    path = _tiny_recipe(tmp_path, [{"evaluate": {}}])
+def test_cli_validate_and_stages(tmp_path, capsys, tiny_recipe):
+    path = tiny_recipe([{"evaluate": {}}])
     assert main(["validate", str(path)]) == 0
     assert "valid (2 tasks" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"

@@ -3,12 +3,12 @@
 import dataclasses
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe_data
 
 from jtucker_plugin.decompose.layers import TuckerConv2d
 from jtucker_plugin.decompose.ranks import (
@@ -88,10 +88,7 @@ def test_finds_a_known_optimum_inside_the_budget():
     assert cost_fraction(layers, target) < 0.4
 
     def peaked(ranks):  # 1 at target, falling with the L1 distance
-        return (
-            1
-            - sum(abs(a - b) for n in ranks for a, b in zip(ranks[n], target[n], strict=True)) / 200
-        )
+        return 1 - sum(abs(a - b) for n in ranks for a, b in zip(ranks[n], target[n], strict=True)) / 200
 
     for seed in (0, 2, 3):
         result = search_ranks(layers, peaked, config(0.4, population=12, generations=20), seed=seed)
@@ -106,11 +103,7 @@ def test_finds_the_brute_force_optimum_on_the_budget_edge():
     layers, fraction = make_layers(), 0.2
     score = mean_energy(layers)
     grids = [
-        list(
-            itertools.product(
-                *(sorted({1, *range(4, n, 4), n}) for n in (l.out_channels, l.in_channels))
-            )
-        )
+        list(itertools.product(*(sorted({1, *range(4, n, 4), n}) for n in (l.out_channels, l.in_channels))))
         for l in layers
     ]
     best = max(
@@ -138,9 +131,7 @@ def test_budget_respected_under_pressure(cost):
 
     for fraction in (0.15, 0.4):
         scored.clear()
-        result = search_ranks(
-            layers, greedy_for_ranks, config(fraction, cost, generations=5), seed=1
-        )
+        result = search_ranks(layers, greedy_for_ranks, config(fraction, cost, generations=5), seed=1)
         assert result.cost_fraction == pytest.approx(cost_fraction(layers, result.ranks, cost))
         assert result.cost_fraction <= fraction
         assert max(scored) > fraction  # it did look beyond the budget
@@ -152,9 +143,7 @@ def test_budget_respected_under_pressure(cost):
 def test_impossible_budgets_and_bad_evaluate_raise():
     layers = make_layers()
     least = cost_fraction(layers, {l.name: (1, 1) for l in layers})
-    with pytest.raises(
-        ValueError, match=r"ga ranks: budget params=0\.001 cannot be met.*at least 0\.0"
-    ):
+    with pytest.raises(ValueError, match=r"ga ranks: budget params=0\.001 cannot be met.*at least 0\.0"):
         search_ranks(layers, mean_energy(layers), config(0.001))
     with pytest.raises(ValueError, match=r"budget macs=0\.001 cannot be met"):
         search_ranks(layers, mean_energy(layers), config(0.001, "macs"))
@@ -182,9 +171,7 @@ def test_cache_scores_each_ranks_once():
     assert len(calls) == len(set(calls)) == result.evaluations
     # 8 + 12 * 6 chromosomes were scored, over a grid of only (3 * 3)^2 = 81 ranks.
     assert result.evaluations < 8 + 12 * 6
-    assert [h["evaluations"] for h in result.history] == sorted(
-        h["evaluations"] for h in result.history
-    )
+    assert [h["evaluations"] for h in result.history] == sorted(h["evaluations"] for h in result.history)
     # Ranks that cannot beat dense are handed over as full ranks: one key for all of them.
     assert all(
         tucker_params(l, r) < l.dense_params or r == (l.out_channels, l.in_channels)
@@ -205,29 +192,6 @@ def test_deterministic_under_a_seed_for_any_number_of_workers():
     assert any(h != first.history for h in others)  # the seed does drive the search
 
 
-def _tiny_recipe(tmp_path: Path, stages: list) -> dict:
-    task = lambda classes: {  # noqa: E731
-        "data": {
-            "dataset": "digits",
-            "classes": classes,
-            "image_size": 8,
-            "channels": 1,
-            "mean": [0.5],
-            "std": [0.5],
-            "augment": False,
-            "train_per_class": 40,
-        },
-        "model": {"arch": "resnet8", "width": 0.5},
-    }
-    return {
-        "name": "tiny-ga",
-        "seed": 1,
-        "output": str(tmp_path / "out"),
-        "tasks": {"a": task(["0", "1", "2"]), "b": task(["3", "4", "5"])},
-        "stages": stages,
-    }
-
-
 def test_recipe_jtucker_with_ga_ranks_end_to_end(tmp_path):
     """On the untrained initial models (the search does not care, and training is slow on a
     busy machine), with two forked workers scoring real decompositions."""
@@ -239,7 +203,7 @@ def test_recipe_jtucker_with_ga_ranks_end_to_end(tmp_path):
         "workers": 2,
     }
     stages = [{"jtucker": {"ranks": ranks, "min_params": 0, "calibration_samples": 64}}]
-    data = _tiny_recipe(tmp_path, stages)
+    data = tiny_recipe_data(tmp_path, stages, name="tiny-ga")
     recipe = parse_recipe(data)
     assert recipe.stages[0].config.ranks == GAConfig(
         budget=Budget(params=0.3), generations=2, population=4, workers=2
