@@ -4,21 +4,29 @@ Both decompose the same stacked float32 tensor T x S x C x 3 x 3 on its two chan
 the same ranks, from the same HOSVD start, for the same number of HOOI sweeps: ours with
 ``n_iter_max=N, tol=0``; tensorly with ``n_iter_max=N, tol=0``, which its loop reads as "no
 early stop" (``if tol and ...``), so it also runs exactly N sweeps, each updating both factors
-(checked on every run). The two run alternately in one process, the order swapped every round,
-because the machine is shared and noisy: compare the ratios more than the absolute times.
+(checked on every run). tensorly's start also takes the SVD of the mode-1 unfolding, which its
+first sweep discards; ours skips that product, with the same result. Times cover the
+decomposition only (the reconstructions for the errors are made outside them). The two run
+alternately in one process, the order swapped every round, because the machine is shared and
+noisy: compare the ratios more than the absolute times.
 
 Columns: median wall times, the ratio of the medians (and the median of the per-round
 ratios), the total relative error ``||X - X^|| / ||X||`` of each, computed the same way in
 float64 from the reconstructions, and their relative difference; then the matmul work our
-method needs (init Gram + per sweep two projections and two Grams + the core, in GFLOP), the
-rate it achieved, and the time that work would take at the rate of one large matmul measured in
-the same process (the bound a Gram formulation cannot beat; the rest is eigh and copies).
+method does (init Gram + per sweep two projections and two Grams + the core, in GFLOP; each
+Gram's lower triangle only, by blocks, as eigh reads no more), the rate it achieved, and the
+time that work would take at the rate of one large matmul measured in the same process (the
+bound a Gram formulation cannot beat; the rest is eigh and copies).
 
 Weights are synthetic (no VGG-16 checkpoint is available offline): ``structured`` are T
 fine-tuned copies of one base kernel with decaying channel spectra, ``gaussian`` are i.i.d.
 (flat spectrum, tiny eigengaps: the hardest case for the precision of a float32 Gram).
 
-Run: ``python benchmarks/decompose_speed.py [--repeats 5] [--quick] [--profile]``.
+Run: ``python benchmarks/decompose_speed.py [--repeats 5] [--quick] [--profile] [--threads N]``.
+``--profile`` adds the top operators of one run of each on the first layer: with its cores to
+itself, ours is mostly matmuls (about 3/4) and eigh; on an oversubscribed machine the
+eigensolver takes over (LAPACK's many small parallel steps stall whenever one of their threads
+is descheduled), as the SVD does tensorly's. ``--threads 1`` gives the steadiest ratios there.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ from pathlib import Path
 
 import tensorly as tl
 import torch
-from torch import Tensor
 from tensorly.decomposition import partial_tucker
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
@@ -91,13 +99,26 @@ def theirs(weights: torch.Tensor, ranks: tuple[int, int], n_iter: int) -> Callab
     return lambda: torch.einsum("trqhw,sr,cq->tschw", core, factors[0], factors[1])
 
 
+def gram_gflop(n: int, m: int) -> float:
+    """Multiply-adds x 2 / 1e9 of an n x n Gram of an n x m matrix as joint_tucker forms it.
+
+    Only the lower triangle, by min(4, n // 128) row blocks (``tucker._lower_gram``), when m >= n;
+    otherwise the m x m Gram instead.
+    """
+    n, m = min(n, m), max(n, m)
+    blocks = min(4, n // 128)
+    share = (blocks + 1) / (2 * blocks) if blocks > 1 else 1.0
+    return 2 * n * n * m * share / 1e9
+
+
 def matmul_gflop(n_tasks: int, n_out: int, n_in: int, r1: int, r2: int, n_iter: int) -> float:
-    """Multiply-adds x 2 of joint_tucker's matmuls: init Gram, sweeps, core."""
-    taps = KERNEL**2
-    init = n_tasks * taps * n_out * n_in**2
-    sweep = n_tasks * taps * (n_out * n_in * (r1 + r2) + r2 * n_out**2 + r1 * n_in**2)
-    core = n_tasks * taps * r1 * n_in * r2
-    return 2 * (init + n_iter * sweep + core) / 1e9
+    """GFLOP of joint_tucker's matmuls: init Gram, sweeps (projections, Grams), core."""
+    taps = n_tasks * KERNEL**2
+    init = gram_gflop(n_in, taps * n_out)
+    projections = 2 * taps * n_out * n_in * (r1 + r2) / 1e9
+    grams = gram_gflop(n_out, taps * r2) + gram_gflop(n_in, taps * r1)
+    core = 2 * taps * r1 * n_in * r2 / 1e9
+    return init + n_iter * (projections + grams) + core
 
 
 def matmul_rate(n_tasks: int, n_out: int, n_in: int, repeats: int) -> float:
@@ -139,7 +160,7 @@ def run_case(case, kind: str, n_iter: int, repeats: int, seed: int) -> dict:
         "ours_s": t_ours,
         "tl_s": t_theirs,
         "ratio": t_theirs / t_ours,
-        "paired": statistics.median(t / o for t, o in zip(times["tensorly"], times["ours"])),
+        "paired": statistics.median(t / o for t, o in zip(times["tensorly"], times["ours"], strict=True)),
         "err_ours": e_ours,
         "err_tl": e_theirs,
         "err_rel": abs(e_ours - e_theirs) / e_theirs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import tensorly as tl
@@ -33,6 +35,12 @@ def total_error(weights: torch.Tensor, approx: torch.Tensor) -> float:
     return float((w - a).norm() / w.norm())
 
 
+def assert_identical(a: JointTucker, b: JointTucker) -> None:
+    for name in ("U", "V", "cores", "errors"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.n_iter == b.n_iter
+
+
 def test_recovers_exact_low_rank_tasks(generator):
     weights, U, V = low_rank_tasks(generator)
     jt = joint_tucker(weights, rank=(8, 6))
@@ -45,12 +53,23 @@ def test_recovers_exact_low_rank_tasks(generator):
     torch.testing.assert_close(jt.V @ jt.V.T, V @ V.T)
 
 
-@pytest.mark.parametrize("n_iter", [0, 1, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_single_task_matches_tensorly(generator, n_iter, dtype):
+@pytest.mark.parametrize("n_iter", [0, 5])
+# (32, 24) by (8, 6) forms S x S and C x C Grams; (64, 48) by (24, 4) the smaller T*k*R x T*k*R;
+# the last two form Grams of >= 256 rows by blocks, (256, 32) an S x S, (300, 32) a 270 x 270.
+@pytest.mark.parametrize(
+    ("shape", "ranks", "dtype"),
+    [
+        ((32, 24), (8, 6), torch.float32),
+        ((32, 24), (8, 6), F64),
+        ((64, 48), (24, 4), torch.float32),
+        ((64, 48), (24, 4), F64),
+        ((256, 32), (16, 30), torch.float32),
+        ((300, 32), (40, 30), torch.float32),
+    ],
+)
+def test_single_task_matches_tensorly(generator, n_iter, dtype, shape, ranks):
     # Gaussian weights: a flat spectrum with small gaps, the hardest case for a Gram-based solver.
-    weight = torch.randn(32, 24, 3, 3, generator=generator, dtype=F64)
-    ranks = (8, 6)
+    weight = torch.randn(*shape, 3, 3, generator=generator, dtype=F64)
     with tl.backend_context("pytorch"):
         (core, (u, v)), _ = partial_tucker(
             weight, rank=list(ranks), modes=[0, 1], init="svd", n_iter_max=n_iter, tol=0
@@ -78,7 +97,7 @@ def test_sweeps_never_increase_the_error(generator):
         jt = joint_tucker(weights, rank=(6, 5), n_iter_max=n_iter, tol=0)
         assert jt.n_iter == n_iter
         totals.append(total_error(weights, jt.reconstruct()))
-    assert all(later <= earlier + 1e-12 for earlier, later in zip(totals, totals[1:]))
+    assert all(later <= earlier + 1e-12 for earlier, later in pairwise(totals))
     assert totals[-1] < totals[0]  # HOOI improves on the HOSVD for a generic tensor
 
 
@@ -105,6 +124,17 @@ def test_single_matrix_error_is_eckart_young(generator):
     assert jt.cores.shape == (1, 7, 7)
 
 
+def test_unbalanced_ranks_of_one_matrix_are_its_best_rank_r2_approximation(generator):
+    # R1 > R2 = 3 for one 2-D weight: the projected unfolding has rank 3 < R1, so U is completed
+    # by directions that cannot matter, and the optimum is still the rank-3 truncated SVD.
+    weight = torch.randn(30, 20, generator=generator, dtype=F64)
+    jt = tucker2(weight, rank=(12, 3))
+    s = torch.linalg.svdvals(weight)
+    assert float(jt.errors[0]) == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-10)
+    torch.testing.assert_close(jt.U.T @ jt.U, torch.eye(12, dtype=F64))
+    torch.testing.assert_close(jt.errors, relative_errors(weight[None], jt.reconstruct()))
+
+
 def test_linear_weights_with_one_full_mode_are_joint_pca(generator):
     # With R2 = C the problem is PCA of the stacked mode-1 unfolding: the global optimum keeps
     # the top R1 eigenvalues of joint_spectrum's mode-1 Gram.
@@ -118,9 +148,7 @@ def test_linear_weights_with_one_full_mode_are_joint_pca(generator):
     assert total_error(weights, jt.reconstruct()) == pytest.approx(kept_error, rel=1e-10)
     # Separate factors per task can only do better, and any one task's factors shared by
     # all can only do worse, than the joint optimum.
-    separate_sq = sum(
-        float(tucker2(w, (6, 10)).errors[0] ** 2 * w.norm() ** 2) for w in weights.unbind(0)
-    )
+    separate_sq = sum(float(tucker2(w, (6, 10)).errors[0] ** 2 * w.norm() ** 2) for w in weights.unbind(0))
     assert separate_sq <= joint_sq * (1 + 1e-12)
     u0 = tucker2(weights[0], (6, 10)).U
     borrowed_sq = float((weights - u0 @ u0.T @ weights).norm() ** 2)
@@ -131,16 +159,13 @@ def test_list_of_linear_weights_equals_stacked(generator):
     weights = torch.randn(3, 24, 10, generator=generator, dtype=F64)
     from_list = joint_tucker(list(weights.unbind(0)), rank=(5, 4))
     from_tensor = joint_tucker(weights, rank=(5, 4))
-    for a, b in zip(
-        (from_list.U, from_list.V, from_list.cores, from_list.errors),
-        (from_tensor.U, from_tensor.V, from_tensor.cores, from_tensor.errors),
-    ):
-        assert torch.equal(a, b)
+    assert_identical(from_list, from_tensor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_full_ranks_reconstruct_exactly(generator, dtype):
-    weights = torch.randn(2, 12, 9, 3, 3, generator=generator, dtype=dtype)
+@pytest.mark.parametrize("shape", [(2, 12, 9, 3, 3), (1, 12, 9)])
+def test_full_ranks_reconstruct_exactly(generator, dtype, shape):
+    weights = torch.randn(*shape, generator=generator, dtype=dtype)
     jt = joint_tucker(weights, rank=(12, 9))
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(jt.reconstruct(), weights, rtol=rtol, atol=rtol)
@@ -150,11 +175,7 @@ def test_full_ranks_reconstruct_exactly(generator, dtype):
 def test_deterministic_with_fixed_signs(generator):
     weights = torch.randn(3, 32, 24, 3, 3, generator=generator)
     first, second = (joint_tucker(weights, rank=(8, 6)) for _ in range(2))
-    for a, b in zip(
-        (first.U, first.V, first.cores, first.errors),
-        (second.U, second.V, second.cores, second.errors),
-    ):
-        assert torch.equal(a, b)
+    assert_identical(first, second)
     for factor in (first.U, first.V):
         lead = factor.abs().argmax(dim=0)
         assert bool((factor[lead, torch.arange(factor.shape[1])] > 0).all())
@@ -173,7 +194,8 @@ def test_float64_computation_for_float32_weights(generator):
     assert double.U.dtype == double.cores.dtype == torch.float32
     # The float32 weights are exactly low rank only up to their rounding (~1e-7 relative).
     assert float(double.errors.max()) < 1e-6
-    assert float(single.errors.max()) < 3e-3  # float32's own floor: sqrt of rounding noise
+    assert float(single.errors.max()) < 1e-5
+    torch.testing.assert_close(single.errors, relative_errors(weights, single.reconstruct()))
 
 
 def test_half_precision_weights_come_back_in_half(generator):
@@ -198,6 +220,15 @@ def test_joint_spectrum_is_the_stacked_unfoldings_energy(generator):
     torch.testing.assert_close(eig_out, torch.linalg.svdvals(mode1) ** 2)
     torch.testing.assert_close(eig_in, torch.linalg.svdvals(mode2) ** 2)
     torch.testing.assert_close(eig_out.sum(), weights.norm() ** 2)
+    # Grams of >= 256 rows are formed by blocks.
+    big = torch.randn(2, 256, 130, generator=generator, dtype=F64)
+    eig_out, _ = joint_spectrum(big)
+    torch.testing.assert_close(eig_out, torch.linalg.svdvals(big.transpose(0, 1).reshape(256, -1)) ** 2)
+    # A wide matrix: its mode-1 spectrum has C nonzero eigenvalues, then S - C zeros.
+    eig_out, eig_in = joint_spectrum([weights[0, :, :, 0, 0]])
+    s = torch.linalg.svdvals(weights[0, :, :, 0, 0])
+    torch.testing.assert_close(eig_out, torch.cat([s**2, torch.zeros(5, dtype=F64)]))
+    torch.testing.assert_close(eig_in, s**2)
 
 
 W = torch.ones(2, 8, 6, 3, 3)
@@ -220,7 +251,9 @@ W = torch.ones(2, 8, 6, 3, 3)
         (W.int(), 2, {}, TypeError, r"expected floating-point tensors .*torch.int32"),
         ("W", 2, {}, TypeError, r"weights: expected a Tensor or a sequence of Tensors; got str"),
         (W, 2, {"n_iter_max": -1}, ValueError, r"n_iter_max: expected an int >= 0; got -1"),
+        (W, 2, {"n_iter_max": 2.5}, TypeError, r"n_iter_max: expected an int; got 2.5"),
         (W, 2, {"tol": -1e-3}, ValueError, r"tol: expected a finite number >= 0; got -0.001"),
+        (W, 2, {"tol": "0"}, TypeError, r"tol: expected a number; got '0' \(str\)"),
         (W, 2, {"dtype": torch.float16}, ValueError, r"dtype: expected None, .*got torch.float16"),
     ],
 )
