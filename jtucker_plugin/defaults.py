@@ -41,3 +41,10 @@ ONNX_OPSET = 17
 ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-4
 """How far onnxruntime's logits may be from PyTorch's: |ort - torch| <= atol + rtol * |torch|."""
+
+# Layers composed of shared parts: Hybrid sharing and shared cores (merge/, decompose/shared_core.py)
+MATERIALIZE = True
+"""Keep each task's dense weight after its first forward without gradients (the dense layer's
+speed, one dense weight of memory per task layer) rather than rebuild it at every forward."""
+HYBRID_L1 = 1e-4
+"""Strength of Hybrid's L1 penalty on the sparse deltas, ``l1 * sum_t |S_t|_1``."""

@@ -89,8 +89,7 @@ def _check_shape(input_shape: tuple[int, ...], where: str) -> tuple[int, ...]:
         or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in input_shape)
     ):
         raise ValueError(
-            f"{where}: input_shape must be three positive ints (channels, height, width), "
-            f"got {input_shape!r}"
+            f"{where}: input_shape must be three positive ints (channels, height, width), got {input_shape!r}"
         )
     return tuple(input_shape)
 
@@ -186,8 +185,7 @@ def state_bytes(tensors: dict[str, Tensor]) -> int:
     for name, tensor in tensors.items():
         if not isinstance(name, str) or not isinstance(tensor, Tensor):
             raise TypeError(
-                f"state_bytes: expected str -> Tensor entries, got {name!r} -> "
-                f"{type(tensor).__qualname__}"
+                f"state_bytes: expected str -> Tensor entries, got {name!r} -> {type(tensor).__qualname__}"
             )
     packed = {name: t.detach().contiguous() for name, t in tensors.items()}
     return len(safetensors.torch.save(packed))
@@ -323,7 +321,5 @@ def compression_ratio(dense_parameters: int, unique: int) -> float:
     if not unique > 0 or not math.isfinite(unique):
         raise ValueError(f"compression_ratio: unique must be a positive count, got {unique!r}")
     if not dense_parameters >= 0:
-        raise ValueError(
-            f"compression_ratio: dense_parameters must be >= 0, got {dense_parameters!r}"
-        )
+        raise ValueError(f"compression_ratio: dense_parameters must be >= 0, got {dense_parameters!r}")
     return dense_parameters / unique

@@ -364,8 +364,7 @@ def resnet56(num_classes: int, *, in_channels: int = 3, width: float = 1.0) -> n
 
 _VGG_CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"]
-    + [512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M"] + [512, 512, 512, "M", 512, 512, 512, "M"],
 }
 
 
@@ -376,9 +375,7 @@ class CifarVGG(nn.Module):
     is the usual CIFAR choice: with five max pools a 32 x 32 image is 1 x 1 x 512 by then.
     """
 
-    def __init__(
-        self, cfg: list[int | str], num_classes: int, *, in_channels: int = 3, width: float = 1.0
-    ):
+    def __init__(self, cfg: list[int | str], num_classes: int, *, in_channels: int = 3, width: float = 1.0):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -476,9 +473,7 @@ def _resolve(arch: str, width: float) -> ModelFn:
         )
     if width != 1:
         raise ValueError(f"width must be 1 for torchvision model {arch!r}, got {width!r}")
-    return lambda num_classes, *, in_channels, width: _torchvision_model(
-        name, num_classes, in_channels
-    )
+    return lambda num_classes, *, in_channels, width: _torchvision_model(name, num_classes, in_channels)
 
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -511,9 +506,7 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix not in _WEIGHT_SUFFIXES:
-        raise ValueError(
-            f"unsupported weights file {path}: expected one of {', '.join(_WEIGHT_SUFFIXES)}"
-        )
+        raise ValueError(f"unsupported weights file {path}: expected one of {', '.join(_WEIGHT_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if suffix == ".safetensors":

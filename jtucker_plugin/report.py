@@ -88,14 +88,11 @@ class Report:
             raise TypeError(f"Report.name: expected a str, got {self.name!r}")
         for field in ("tasks", "bundle", "provenance"):
             if not isinstance(getattr(self, field), dict):
-                raise TypeError(
-                    f"Report.{field}: expected a dict, got {type(getattr(self, field)).__name__}"
-                )
+                raise TypeError(f"Report.{field}: expected a dict, got {type(getattr(self, field)).__name__}")
         for task, metrics in self.tasks.items():
             if not isinstance(metrics, dict):
                 raise TypeError(
-                    f"Report.tasks[{task!r}]: expected a dict of metrics, got "
-                    f"{type(metrics).__name__}"
+                    f"Report.tasks[{task!r}]: expected a dict of metrics, got {type(metrics).__name__}"
                 )
         if not isinstance(self.stages, list) or not all(isinstance(s, dict) for s in self.stages):
             raise TypeError(f"Report.stages: expected a list of dicts, got {self.stages!r}")
@@ -112,8 +109,7 @@ class Report:
             If a value cannot be represented in JSON (its location is named).
         """
         return {
-            field.name: _plain(getattr(self, field.name), field.name)
-            for field in dataclasses.fields(self)
+            field.name: _plain(getattr(self, field.name), field.name) for field in dataclasses.fields(self)
         }
 
     @classmethod
@@ -153,9 +149,7 @@ class Report:
             lines.append("")
         if self.provenance:
             lines += ["## Provenance", ""]
-            lines += [
-                f"- {_escape(k)}: {_escape(_describe(v))}" for k, v in self.provenance.items()
-            ]
+            lines += [f"- {_escape(k)}: {_escape(_describe(v))}" for k, v in self.provenance.items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -271,10 +265,7 @@ def _task_table(tasks: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[
     first = [k for k in _TASK_ORDER if k in present] + latencies
     keys = first + [k for k in present if k not in first]
     header = ["task"] + [_label(k) for k in keys]
-    rows = [
-        [str(task)] + [format_metric(k, metrics.get(k)) for k in keys]
-        for task, metrics in tasks.items()
-    ]
+    rows = [[str(task)] + [format_metric(k, metrics.get(k)) for k in keys] for task, metrics in tasks.items()]
     return header, rows
 
 

@@ -107,8 +107,7 @@ def test_count_macs_counts_a_module_with_two_parents_by_its_calls():
 
 def _hooks(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
     )
 
 
@@ -169,9 +168,7 @@ def test_model_bytes_stores_shared_tensors_once(tmp_path):
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(16, 2))
     state = model.state_dict()
     path = tmp_path / "m.safetensors"
-    safetensors.torch.save_file(
-        {k: state[k] for k in ("0.weight", "0.bias", "3.weight", "3.bias")}, path
-    )
+    safetensors.torch.save_file({k: state[k] for k in ("0.weight", "0.bias", "3.weight", "3.bias")}, path)
     assert model_bytes(model) == os.path.getsize(path)
     # Storing the shared layer twice would cost about its size again.
     assert model_bytes(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))) > (

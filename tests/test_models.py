@@ -61,9 +61,7 @@ def test_register_model_rejects_a_duplicate_name():
 
 
 def test_unknown_arch_suggests_the_closest_name():
-    with pytest.raises(
-        KeyError, match=r"unknown arch 'resnet2'; did you mean 'resnet20'\?.*resnet56"
-    ):
+    with pytest.raises(KeyError, match=r"unknown arch 'resnet2'; did you mean 'resnet20'\?.*resnet56"):
         create_model("resnet2")
     with pytest.raises(KeyError, match="did you mean 'resnet18'"):
         create_model("tv:resnet17")
@@ -230,9 +228,7 @@ def test_a_head_of_another_input_width_is_a_mismatch_not_a_resize(tmp_path):
     state = create_model("resnet8").state_dict()
     state["linear.weight"] = torch.zeros(10, 32)
     path = _save(state, tmp_path / "head.pth")
-    with pytest.raises(
-        ValueError, match=r"linear\.weight: checkpoint \(10, 32\) vs model \(4, 64\)"
-    ):
+    with pytest.raises(ValueError, match=r"linear\.weight: checkpoint \(10, 32\) vs model \(4, 64\)"):
         create_model("resnet8", num_classes=4, weights=path)
 
 

@@ -83,9 +83,7 @@ def test_json_round_trip():
 def test_to_json_makes_plain_data():
     report = Report(
         name="x",
-        tasks={
-            "a": {"accuracy": np.float64(0.5), "parameters": np.int64(7), "bytes": float("nan")}
-        },
+        tasks={"a": {"accuracy": np.float64(0.5), "parameters": np.int64(7), "bytes": float("nan")}},
         bundle={"ranks": (1, 2)},
         stages=[],
         provenance={"recipe": Path("r.yaml")},

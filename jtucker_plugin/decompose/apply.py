@@ -56,7 +56,9 @@ def find_layers(
             reason = "not selected by layers/exclude"
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             reason = f"grouped conv (groups={module.groups})"
-        elif isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        elif isinstance(module, nn.Conv2d) and (
+            isinstance(module.padding, str) or module.padding_mode != "zeros"
+        ):
             reason = "padding mode not supported"
         elif any(o is None or o.weight.shape != module.weight.shape for o in others):
             reason = "weight shapes differ across tasks"
@@ -89,9 +91,13 @@ def _spatial_sizes(model: nn.Module, names: Sequence[str], input_shape: Sequence
     sizes: dict[str, tuple] = {}
     hooks = []
     for name in names:
+
         def hook(module, inputs, output, name=name):
             x = inputs[0]
-            sizes[name] = (tuple(x.shape[-2:]), tuple(output.shape[-2:])) if x.dim() == 4 else ((1, 1), (1, 1))
+            sizes[name] = (
+                (tuple(x.shape[-2:]), tuple(output.shape[-2:])) if x.dim() == 4 else ((1, 1), (1, 1))
+            )
+
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     try:
@@ -110,7 +116,9 @@ def stacked_weight(models: Sequence[nn.Module], name: str) -> torch.Tensor:
     return torch.stack([m.get_submodule(name).weight.detach() for m in models])
 
 
-def layer_infos(models: dict[str, nn.Module], names: Sequence[str], input_shape: Sequence[int]) -> list[LayerInfo]:
+def layer_infos(
+    models: dict[str, nn.Module], names: Sequence[str], input_shape: Sequence[int]
+) -> list[LayerInfo]:
     """What rank strategies need of each layer: shapes, joint spectra, spatial sizes."""
     ref = next(iter(models.values()))
     sizes = _spatial_sizes(ref, names, input_shape)
@@ -122,8 +130,15 @@ def layer_infos(models: dict[str, nn.Module], names: Sequence[str], input_shape:
         in_hw, out_hw = sizes[name]
         infos.append(
             LayerInfo(
-                name=name, out_channels=weight.shape[1], in_channels=weight.shape[2], kernel_size=kernel,
-                n_tasks=weight.shape[0], eig_out=eig_out, eig_in=eig_in, out_hw=out_hw, in_hw=in_hw,
+                name=name,
+                out_channels=weight.shape[1],
+                in_channels=weight.shape[2],
+                kernel_size=kernel,
+                n_tasks=weight.shape[0],
+                eig_out=eig_out,
+                eig_in=eig_in,
+                out_hw=out_hw,
+                in_hw=in_hw,
             )
         )
     return infos
@@ -151,15 +166,27 @@ def decompose_layers(
         r = tuple(ranks[info.name])
         dense, factored = info.dense_params, tucker_params(info, r)
         if factored >= dense:
-            rows[info.name] = {"ranks": list(r), "kept_dense": f"ranks {r} would not save parameters ({factored} >= {dense})"}
+            rows[info.name] = {
+                "ranks": list(r),
+                "kept_dense": f"ranks {r} would not save parameters ({factored} >= {dense})",
+            }
             continue
         originals = [models[t].get_submodule(info.name) for t in tasks]
         result = joint_tucker(stacked_weight(list(models.values()), info.name), r, **kw)
         cls = TuckerConv2d if isinstance(originals[0], nn.Conv2d) else FactorizedLinear
         first = cls.from_factors(originals[0], result.U, result.cores[0], result.V)
         for i, (task, original) in enumerate(zip(tasks, originals, strict=True)):
-            layer = first if i == 0 else cls.from_factors(
-                original, result.U, result.cores[i], result.V, in_proj=first.in_proj, out_proj=first.out_proj
+            layer = (
+                first
+                if i == 0
+                else cls.from_factors(
+                    original,
+                    result.U,
+                    result.cores[i],
+                    result.V,
+                    in_proj=first.in_proj,
+                    out_proj=first.out_proj,
+                )
             )
             models[task].set_submodule(info.name, layer)
         rows[info.name] = {
@@ -208,8 +235,10 @@ def decompose_bundle(
             by_reason.setdefault(reason, []).append(name)
         raise ValueError(
             f"{stage}: no layer to decompose (layers={list(include)}, exclude={list(exclude)}); kept dense: "
-            + "; ".join(f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({reason})"
-                        for reason, names in by_reason.items())
+            + "; ".join(
+                f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({reason})"
+                for reason, names in by_reason.items()
+            )
         )
     groups = [bundle.tasks] if joint else [[t] for t in bundle.tasks]
     rows: dict[str, Any] = {}
@@ -219,7 +248,9 @@ def decompose_bundle(
 
         def evaluate_ranks(ranks: Ranks, models=models, infos=infos) -> float:
             trial = copy.deepcopy(bundle)
-            decompose_layers({t: trial.models[t] for t in models}, infos, ranks, n_iter_max=n_iter_max, tol=tol)
+            decompose_layers(
+                {t: trial.models[t] for t in models}, infos, ranks, n_iter_max=n_iter_max, tol=tol
+            )
             return evaluate(trial)
 
         ranks = select(infos, evaluate_ranks if evaluate is not None else None)

@@ -262,9 +262,7 @@ def register_rank_strategy(name: str, config: type) -> Callable[[Callable], Call
     ValueError
         If a strategy is already registered under ``name``.
     """
-    fields = (
-        {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
-    )
+    fields = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
     if "strategy" not in fields or fields["strategy"].default != name:
         raise TypeError(
             f"rank strategy {name!r}: config must be a dataclass with a field "
@@ -431,8 +429,7 @@ def fixed_ranks(config: FixedConfig, layers: Sequence[LayerInfo], **_: Any) -> R
         matched = [name for name in chosen if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
             raise ValueError(
-                f"fixed ranks: pattern {pattern!r} in 'layers' matches no layer; "
-                f"layers: {', '.join(chosen)}"
+                f"fixed ranks: pattern {pattern!r} in 'layers' matches no layer; layers: {', '.join(chosen)}"
             )
         for name in matched:
             chosen[name] = _as_pair(rank)
@@ -537,9 +534,7 @@ class Budget:
             raise ValueError(f"expected exactly one of params, macs; got {given or 'neither'}")
         ((key, value),) = given.items()
         if isinstance(value, bool) or not 0 < value <= 1:
-            raise ValueError(
-                f"{key}: must be a fraction in (0, 1] of the dense cost, got {value!r}"
-            )
+            raise ValueError(f"{key}: must be a fraction in (0, 1] of the dense cost, got {value!r}")
 
     @property
     def cost(self) -> Literal["params", "macs"]:
@@ -793,9 +788,7 @@ def evbmf(eigenvalues: Tensor, n_rows: int, n_cols: int) -> tuple[int, float]:
     small, large = min(n_rows, n_cols), max(n_rows, n_cols)
     s2 = torch.as_tensor(eigenvalues, dtype=torch.float64).clamp(min=0).numpy()[:small]
     if len(s2) < small:
-        raise ValueError(
-            f"evbmf: a {n_rows}x{n_cols} matrix needs {small} eigenvalues, got {len(s2)}"
-        )
+        raise ValueError(f"evbmf: a {n_rows}x{n_cols} matrix needs {small} eigenvalues, got {len(s2)}")
     if s2.max(initial=0.0) <= 0:
         return 0, 0.0
     s2 = np.maximum(s2, 1e-12 * s2.max())

@@ -44,11 +44,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jtucker_plugin import layers
+from jtucker_plugin import defaults, layers
 
 OPS = ("Conv1d", "Conv2d", "Linear")
 """Layer types a composed layer can run: its ``op``."""
 
+_GEOMETRY = frozenset(
+    {
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "in_features",
+        "out_features",
+    }
+)
 _INT16_SPAN = 1 << 16
 _INT16_OFFSET = 1 << 15
 
@@ -89,7 +103,7 @@ class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
         Keep the dense weight between forwards without gradients (see the module docstring).
     """
 
-    def __init__(self, op: str, config: dict[str, Any], materialize: bool = True):
+    def __init__(self, op: str, config: dict[str, Any], materialize: bool = defaults.MATERIALIZE):
         super().__init__()
         if op not in OPS:
             raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
@@ -115,12 +129,27 @@ class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
     def has_bias(self) -> bool:
         """Whether the composed layer has a bias."""
 
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads a layer's geometry (TuckerConv2d.layer_config reads its core's) sees
+        # the op's.
+        if name in _GEOMETRY:
+            return getattr(self._modules["op"], name)
+        return super().__getattr__(name)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight (composed, or the kept one)."""
+        return self.dense()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The dense bias, ``None`` without one."""
+        return self.dense()[1]
+
     def dense(self) -> tuple[Tensor, Tensor | None]:
         """The weight and bias the layer computes with: kept or rebuilt per ``materialize``."""
         parts = self.parts()
-        if not self.materialize or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in parts)
-        ):
+        if not self.materialize or (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
             return self.compose()
         # _version counts in-place changes (optimiser steps, load_state_dict): a stale weight is
         # never used.
@@ -201,7 +230,7 @@ class HybridLayer(ComposedLayer):
         config: dict[str, Any],
         bias: bool = False,
         nnz: int = 0,
-        materialize: bool = True,
+        materialize: bool = defaults.MATERIALIZE,
     ):
         super().__init__(op, config, materialize)
         self.shared_weight = nn.Parameter(torch.zeros(self.weight_shape))
@@ -233,9 +262,7 @@ class HybridLayer(ComposedLayer):
         return decode_positions(self.delta_indices)
 
     def parts(self) -> tuple[Tensor, ...]:
-        shared = (self.shared_weight,) if self.shared_bias is None else (
-            self.shared_weight, self.shared_bias
-        )
+        shared = (self.shared_weight,) if self.shared_bias is None else (self.shared_weight, self.shared_bias)
         return (*shared, self.delta_values, self.delta_indices)
 
     def compose(self) -> tuple[Tensor, Tensor | None]:
@@ -266,9 +293,7 @@ class HybridLayer(ComposedLayer):
         positions = positions.to(torch.int64).reshape(-1)
         values = values.detach().reshape(-1)
         if positions.shape != values.shape:
-            raise ValueError(
-                f"set_delta: {positions.numel()} positions but {values.numel()} values"
-            )
+            raise ValueError(f"set_delta: {positions.numel()} positions but {values.numel()} values")
         if positions.numel():
             if int(positions.min()) < 0 or int(positions.max()) >= self.numel:
                 raise ValueError(f"set_delta: positions must be in [0, {self.numel})")
@@ -279,9 +304,7 @@ class HybridLayer(ComposedLayer):
         self.delta_values = nn.Parameter(
             values[order].to(dtype).clone(), requires_grad=self.delta_values.requires_grad
         )
-        self.delta_indices = encode_positions(positions[order], self.numel).to(
-            self.delta_indices.device
-        )
+        self.delta_indices = encode_positions(positions[order], self.numel).to(self.delta_indices.device)
         self._cache = None
 
     def keep_largest(self, k: int) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jtucker_plugin import defaults
 from jtucker_plugin import layers as layer_configs
 from jtucker_plugin.data import TaskData
 from jtucker_plugin.merge.composed import HybridLayer
@@ -207,7 +208,9 @@ def allocate_nonzeros(
 
 
 @torch.no_grad()
-def make_hybrid(originals: Sequence[nn.Module], counts: Sequence[int], *, materialize: bool = True) -> list[HybridLayer]:
+def make_hybrid(
+    originals: Sequence[nn.Module], counts: Sequence[int], *, materialize: bool = defaults.MATERIALIZE
+) -> list[HybridLayer]:
     """One ``HybridLayer`` per task layer in ``originals``, all sharing one weight (their mean).
 
     Task ``t`` keeps the ``counts[t]`` largest entries of ``W_t - W_shared`` as its delta
@@ -241,7 +244,7 @@ def hybridize(
     density: float | None = None,
     budget: int | None = None,
     keep_per_task: Sequence[str] = (),
-    materialize: bool = True,
+    materialize: bool = defaults.MATERIALIZE,
     stage: str = "hybrid",
 ) -> dict[str, Any]:
     """Replace each layer of ``find_hybrid_layers`` by Hybrid layers at a density or budget.
@@ -295,9 +298,7 @@ def hybridize(
         for t, layer in zip(tasks, hybrids, strict=True):
             bundle.models[t].set_submodule(name, layer)
         rows[name] = _layer_row(stacked[name], hybrids)
-        bundle.history.append(
-            {"stage": stage, "layer": name, "tasks": list(tasks), "nnz": rows[name]["nnz"]}
-        )
+        bundle.history.append({"stage": stage, "layer": name, "tasks": list(tasks), "nnz": rows[name]["nnz"]})
     return {
         "layers": rows,
         "kept": kept,
@@ -321,7 +322,9 @@ def _layer_row(stacked: Tensor, hybrids: Sequence[HybridLayer]) -> dict[str, Any
     }
 
 
-def hybrid_groups(models: dict[str, nn.Module], names: Iterable[str] | None = None) -> dict[str, list[HybridLayer]]:
+def hybrid_groups(
+    models: dict[str, nn.Module], names: Iterable[str] | None = None
+) -> dict[str, list[HybridLayer]]:
     """``{layer: [its HybridLayer in each task]}`` for ``names`` (default: every Hybrid layer)."""
     ref = next(iter(models.values()))
     if names is None:
@@ -360,8 +363,8 @@ def nonzero_schedule(start: float, end: float, steps: int) -> list[float]:
     ``steps`` values; the last is ``end``. Step ``i`` (1-based) is
     ``end + (start - end) * (1 - i / steps) ** 3``: fast pruning first, gentle near the target.
 
-    >>> nonzero_schedule(0.4, 0.1, 3)
-    [0.18888888888888888, 0.11111111111111112, 0.1]
+    >>> [round(v, 4) for v in nonzero_schedule(0.4, 0.1, 3)]
+    [0.1889, 0.1111, 0.1]
     """
     if steps < 0:
         raise ValueError(f"steps: expected an integer >= 0, got {steps}")
@@ -399,7 +402,7 @@ def train_hybrid(
     names: Iterable[str] | None = None,
     density: float | None = None,
     budget: int | None = None,
-    l1: float = 0.0,
+    l1: float = defaults.HYBRID_L1,
     prune_epochs: int | None = None,
     seed: int = 0,
     progress: Callable[..., Iterable] | None = None,
@@ -479,7 +482,12 @@ def hybrid_storage(bundle: Bundle) -> dict[str, int]:
         file, with its header), and ``nonzeros`` (delta values over all tasks).
     """
     tensors = bundle.stored_tensors()
-    kinds = {"shared_weight": "shared", "shared_bias": "shared", "delta_values": "value", "delta_indices": "index"}
+    kinds = {
+        "shared_weight": "shared",
+        "shared_bias": "shared",
+        "delta_values": "value",
+        "delta_indices": "index",
+    }
     out = dict.fromkeys(("shared_bytes", "value_bytes", "index_bytes", "other_bytes"), 0)
     nonzeros = 0
     for key, tensor in tensors.items():

@@ -36,6 +36,7 @@ _BUILTIN_MODULES = (
     "jtucker_plugin.stages.prune",
     "jtucker_plugin.stages.quantize",
     "jtucker_plugin.stages.share",
+    "jtucker_plugin.stages.hybrid",
 )
 
 

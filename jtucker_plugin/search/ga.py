@@ -100,23 +100,15 @@ class GAConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{key}: expected an integer >= {least}, got {value!r}")
         if self.elite >= self.population:
-            raise ValueError(
-                f"elite: must be below population ({self.population}), got {self.elite}"
-            )
+            raise ValueError(f"elite: must be below population ({self.population}), got {self.elite}")
         if self.tournament > self.population:
             raise ValueError(
                 f"tournament: must be at most population ({self.population}), got {self.tournament}"
             )
         for key in ("crossover", "mutation"):
             value = getattr(self, key)
-            if (
-                not isinstance(value, tuple | list)
-                or len(value) != 2
-                or not 0 <= value[0] <= value[1] <= 1
-            ):
-                raise ValueError(
-                    f"{key}: expected [low, high] with 0 <= low <= high <= 1, got {value!r}"
-                )
+            if not isinstance(value, tuple | list) or len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
+                raise ValueError(f"{key}: expected [low, high] with 0 <= low <= high <= 1, got {value!r}")
             object.__setattr__(self, key, (float(value[0]), float(value[1])))
         if isinstance(self.penalty, bool) or not self.penalty >= 0:
             raise ValueError(f"penalty: expected a number >= 0, got {self.penalty!r}")
@@ -280,14 +272,10 @@ class _Problem:
 
     def __init__(self, layers: list[LayerInfo], budget: Budget, step: int):
         self.layers = layers
-        self.grids = [
-            (_grid(layer.out_channels, step), _grid(layer.in_channels, step)) for layer in layers
-        ]
+        self.grids = [(_grid(layer.out_channels, step), _grid(layer.in_channels, step)) for layer in layers]
         self.sizes = np.array([[len(g1), len(g2)] for g1, g2 in self.grids])
         self.by_params = budget.cost == "params"
-        self.dense = [
-            layer.dense_params if self.by_params else layer.dense_macs for layer in layers
-        ]
+        self.dense = [layer.dense_params if self.by_params else layer.dense_macs for layer in layers]
         self.dense_total = sum(self.dense)
         self.cap = budget.fraction * self.dense_total
 
@@ -305,8 +293,7 @@ class _Problem:
 
     def genes_to_ranks(self, genome: np.ndarray) -> Key:
         return tuple(
-            (int(g1[i1]), int(g2[i2]))
-            for (g1, g2), (i1, i2) in zip(self.grids, genome, strict=True)
+            (int(g1[i1]), int(g2[i2])) for (g1, g2), (i1, i2) in zip(self.grids, genome, strict=True)
         )
 
     def key(self, genome: np.ndarray) -> Key:
@@ -325,9 +312,7 @@ class _Problem:
         fn = tucker_params if self.by_params else tucker_macs
         return sum(
             min(dense, fn(layer, ranks))
-            for layer, dense, ranks in zip(
-                self.layers, self.dense, self.genes_to_ranks(genome), strict=True
-            )
+            for layer, dense, ranks in zip(self.layers, self.dense, self.genes_to_ranks(genome), strict=True)
         )
 
 
@@ -345,9 +330,7 @@ class _Best:
     cost: float = np.inf
 
     def offer(self, genome: np.ndarray, accuracy: float, cost: float, cap: float) -> None:
-        if cost <= cap and (
-            accuracy > self.accuracy or (accuracy == self.accuracy and cost < self.cost)
-        ):
+        if cost <= cap and (accuracy > self.accuracy or (accuracy == self.accuracy and cost < self.cost)):
             self.genome, self.accuracy, self.cost = genome.copy(), accuracy, cost
 
 

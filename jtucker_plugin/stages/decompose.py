@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 from jtucker_plugin import defaults
 from jtucker_plugin.data import ArrayDataset
 from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.ranks import rank_config_from_dict, select_ranks
+from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.registry import register_stage
 from jtucker_plugin.recipe.stage import StageContext, StageResult
@@ -16,7 +19,7 @@ from jtucker_plugin.train import evaluate
 
 
 @dataclass(frozen=True)
-class TuckerConfig:
+class TuckerStageConfig:
     """Which layers to decompose and how their ranks are chosen."""
 
     # ranks: a rank strategy, e.g. {strategy: budget, budget: {params: 0.3}}
@@ -50,35 +53,79 @@ def _calibration_accuracy(ctx: StageContext, samples: int):
             if task not in subsets:
                 data = ctx.data(task)
                 source = data.val if data.val is not None else data.train
-                n = min(samples, len(source))
-                subsets[task] = ArrayDataset(source.images[:n], source.labels[:n], source.mean, source.std)
+                # A seeded random sample: the splits are stored class by class, so a prefix
+                # would score a few classes only.
+                generator = torch.Generator().manual_seed(ctx.seed)
+                pick = torch.randperm(len(source), generator=generator)[: min(samples, len(source))]
+                subsets[task] = ArrayDataset(
+                    source.images[pick], source.labels[pick], source.mean, source.std
+                )
             accs.append(evaluate(model, subsets[task])["accuracy"])
         return sum(accs) / len(accs)
 
     return score
 
 
-def _decompose(bundle: Bundle, config: TuckerConfig, ctx: StageContext, *, joint: bool, stage: str) -> StageResult:
+def _decompose(
+    bundle: Bundle, config: TuckerStageConfig, ctx: StageContext, *, joint: bool, stage: str
+) -> StageResult:
     def select(infos, evaluate_ranks):
         return select_ranks(config.ranks, infos, evaluate=evaluate_ranks, seed=ctx.seed)
 
     before = bundle.unique_parameters()
     result = decompose_bundle(
-        bundle, select, joint=joint, include=config.layers, exclude=config.exclude,
-        min_params=config.min_params, evaluate=_calibration_accuracy(ctx, config.calibration_samples),
-        n_iter_max=config.n_iter_max, tol=config.tol, stage=stage,
+        bundle,
+        select,
+        joint=joint,
+        include=config.layers,
+        exclude=config.exclude,
+        min_params=config.min_params,
+        evaluate=_calibration_accuracy(ctx, config.calibration_samples),
+        n_iter_max=config.n_iter_max,
+        tol=config.tol,
+        stage=stage,
     )
-    ctx.log(f"{stage}: {len(result['layers'])} layers, unique parameters {before} -> {bundle.unique_parameters()}")
+    ctx.log(
+        f"{stage}: {len(result['layers'])} layers, unique parameters {before} -> {bundle.unique_parameters()}"
+    )
     return StageResult(bundle, {stage: result, "bundle": {"unique_parameters": bundle.unique_parameters()}})
 
 
-@register_stage("jtucker", config=TuckerConfig)
-def jtucker(bundle: Bundle, config: TuckerConfig, ctx: StageContext) -> StageResult:
+@dataclass(frozen=True)
+class JTuckerStageConfig(TuckerStageConfig):
+    """``jtucker``: plus how the cores are stored (see ``decompose.shared_core``)."""
+
+    # cores: per_task (the paper), shared_sparse (G_shared + sparse D_t at core_density or
+    # core_budget non-zeros), task_rank (spanned by task_rank shared cores)
+    cores: Literal["per_task", "shared_sparse", "task_rank"] = "per_task"
+    core_density: float | None = None
+    core_budget: int | None = None
+    task_rank: int | None = None
+    # shared cores: keep each task's dense core after its first forward (see merge.composed)
+    materialize: bool = defaults.MATERIALIZE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.core_sharing()
+
+    def core_sharing(self) -> CoreSharing:
+        return CoreSharing(self.cores, self.core_density, self.core_budget, self.task_rank, self.materialize)
+
+
+@register_stage("jtucker", config=JTuckerStageConfig)
+def jtucker(bundle: Bundle, config: JTuckerStageConfig, ctx: StageContext) -> StageResult:
     """J-Tucker: shared factor matrices for all tasks, a core per task, ranks chosen jointly."""
-    return _decompose(bundle, config, ctx, joint=True, stage="jtucker")
+    config.core_sharing().check_tasks(len(bundle.tasks))
+    result = _decompose(bundle, config, ctx, joint=True, stage="jtucker")
+    if config.cores != "per_task":
+        rows = result.metrics["jtucker"]["layers"]
+        names = [name for name, row in rows.items() if "kept_dense" not in row]
+        result.metrics["jtucker"]["cores"] = share_cores(bundle, names, config.core_sharing())
+        result.metrics["bundle"]["unique_parameters"] = bundle.unique_parameters()
+    return result
 
 
-@register_stage("tucker", config=TuckerConfig)
-def tucker(bundle: Bundle, config: TuckerConfig, ctx: StageContext) -> StageResult:
+@register_stage("tucker", config=TuckerStageConfig)
+def tucker(bundle: Bundle, config: TuckerStageConfig, ctx: StageContext) -> StageResult:
     """Tucker-2 of each task model on its own (the individual baseline)."""
     return _decompose(bundle, config, ctx, joint=False, stage="tucker")

@@ -87,9 +87,7 @@ def params(layer: LayerInfo, r1: int, r2: int) -> int:
 def macs(layer: LayerInfo, r1: int, r2: int) -> int:
     k = layer.kernel_size[0] * layer.kernel_size[1]
     hw, hw_out = np.prod(layer.in_hw), np.prod(layer.out_hw)
-    return int(
-        hw * layer.in_channels * r2 + hw_out * r2 * r1 * k + hw_out * r1 * layer.out_channels
-    )
+    return int(hw * layer.in_channels * r2 + hw_out * r2 * r1 * k + hw_out * r1 * layer.out_channels)
 
 
 COST = {"params": (params, "dense_params"), "macs": (macs, "dense_macs")}
@@ -126,9 +124,7 @@ def assert_in_range(layers, chosen) -> None:
 
 
 def test_costs_by_hand():
-    layer = LayerInfo(
-        "conv", 8, 4, (3, 3), 2, torch.ones(8), torch.ones(4), out_hw=(5, 5), in_hw=(10, 10)
-    )
+    layer = LayerInfo("conv", 8, 4, (3, 3), 2, torch.ones(8), torch.ones(4), out_hw=(5, 5), in_hw=(10, 10))
     assert layer.dense_params == 2 * 8 * 4 * 9
     assert layer.dense_macs == 25 * 8 * 4 * 9
     assert tucker_params(layer, (3, 2)) == 8 * 3 + 4 * 2 + 2 * 3 * 2 * 9
@@ -156,10 +152,7 @@ def test_layer_info_validates_spectra():
 def test_energy_kept_bounds_the_true_kept_energy():
     rng = np.random.default_rng(0)
     t, s, c, k = 3, 12, 10, 3
-    x = (
-        torch.tensor(rng.normal(size=(t, s, c, k, k)))
-        * torch.linspace(2, 0.1, s)[:, None, None, None]
-    )
+    x = torch.tensor(rng.normal(size=(t, s, c, k, k))) * torch.linspace(2, 0.1, s)[:, None, None, None]
     unfold1 = x.permute(1, 0, 2, 3, 4).reshape(s, -1)
     unfold2 = x.permute(2, 0, 1, 3, 4).reshape(c, -1)
     e1, u = torch.linalg.eigh(unfold1 @ unfold1.T)
@@ -194,9 +187,7 @@ def test_fixed_ranks_overrides_and_clip():
     assert config.rank == (8, 4)  # lists are normalised to tuples
     chosen = select_ranks(config, layers)
     assert chosen == {"conv1": (8, 3), "layer3.0.conv1": (16, 16), "layer3.1.conv1": (20, 10)}
-    with pytest.raises(
-        ValueError, match=r"\(8, 4\) exceed the full ranks \(16, 3\) of layer 'conv1'.*clip"
-    ):
+    with pytest.raises(ValueError, match=r"\(8, 4\) exceed the full ranks \(16, 3\) of layer 'conv1'.*clip"):
         select_ranks(FixedConfig(rank=[8, 4]), layers)
     with pytest.raises(ValueError, match="pattern 'layer4.*' in 'layers' matches no layer"):
         select_ranks(FixedConfig(rank=1, layers={"layer4.*": 2}), layers)
@@ -484,10 +475,7 @@ def test_a_strategy_from_another_module_plugs_in(monkeypatch):
     def toy_ga(config, layers, *, evaluate=None, seed=0):
         rng = random.Random(seed)
         candidates = [
-            {
-                l.name: (rng.randint(1, l.out_channels), rng.randint(1, l.in_channels))
-                for l in layers
-            }
+            {l.name: (rng.randint(1, l.out_channels), rng.randint(1, l.in_channels)) for l in layers}
             for _ in range(config.population)
         ]
         return max(candidates, key=evaluate)
@@ -529,9 +517,7 @@ def test_register_rejects_configs_without_the_strategy_field():
 
 
 def shared_data() -> Path:
-    root = Path(
-        os.environ.get("JTUCKER_DATA", Path(__file__).parents[2] / ".." / "shared" / "data")
-    )
+    root = Path(os.environ.get("JTUCKER_DATA", Path(__file__).parents[2] / ".." / "shared" / "data"))
     if not (root / "weights" / "resnet20-12fca82f.th").is_file():
         pytest.skip(f"ResNet-20 weights not found under {root} (set JTUCKER_DATA)")
     return root
@@ -558,9 +544,5 @@ def test_strategies_on_resnet20_spectra():
     used, total = effective_cost(layers, chosen, "params")
     assert 0.39 < used / total <= 0.4
     # Trained weights have decaying spectra: the greedy keeps most energy at 40% of the params.
-    kept = [
-        energy_kept(l, chosen[l.name])
-        for l in layers
-        if params(l, *chosen[l.name]) < l.dense_params
-    ]
+    kept = [energy_kept(l, chosen[l.name]) for l in layers if params(l, *chosen[l.name]) < l.dense_params]
     assert kept and float(np.mean(kept)) > 0.5

@@ -1,0 +1,309 @@
+"""Hybrid sharing: a shared weight plus sparse per-task deltas (merge.composed, merge.hybrid, stage)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+
+import jtucker_plugin.stages.hybrid  # noqa: F401  (registers the stage)
+from jtucker_plugin.data import ArrayDataset, TaskData
+from jtucker_plugin.merge.composed import HybridLayer, decode_positions, encode_positions, index_dtype
+from jtucker_plugin.merge.hybrid import (
+    allocate_nonzeros,
+    hybrid_groups,
+    hybrid_storage,
+    hybridize,
+    l1_penalty,
+    nonzero_schedule,
+    train_hybrid,
+)
+from jtucker_plugin.merge.share import hard_share
+from jtucker_plugin.metrics import count_macs
+from jtucker_plugin.models import create_model
+from jtucker_plugin.multitask import TENSORS, Bundle, TaskInfo
+from jtucker_plugin.recipe.load import load_recipe
+from jtucker_plugin.recipe.runner import run_recipe
+from jtucker_plugin.recipe.schema import ConfigError, from_dict
+from jtucker_plugin.stages.hybrid import HybridConfig
+from jtucker_plugin.train import FitConfig
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+
+
+def _bundle(n_tasks: int = 3, width: float = 0.5) -> Bundle:
+    base = create_model("resnet8", 10, width=width, seed=0)
+    models = {}
+    for i in range(n_tasks):
+        model = copy.deepcopy(base)
+        with torch.no_grad():  # tasks close to a common backbone, as after fine-tuning
+            gen = torch.Generator().manual_seed(i + 1)
+            for p in model.parameters():
+                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+        models[f"t{i}"] = model.eval()
+    info = {
+        t: TaskInfo(
+            arch="resnet8",
+            num_classes=10,
+            width=width,
+            input_shape=(3, 16, 16),
+            dense_parameters=sum(p.numel() for p in m.parameters()),
+        )
+        for t, m in models.items()
+    }
+    return Bundle(models, info)
+
+
+def _outputs(bundle: Bundle) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {t: m.eval()(X) for t, m in bundle.models.items()}
+
+
+def _data(seed: int) -> TaskData:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    ds = ArrayDataset(images, torch.randint(0, 10, (48,), generator=gen), (0.5,) * 3, (0.25,) * 3)
+    return TaskData(ds, None, ds, [str(i) for i in range(10)], augment=False)
+
+
+def test_density_one_reconstructs_each_task_exactly():
+    bundle = _bundle()
+    reference = copy.deepcopy(bundle)
+    report = hybridize(bundle, density=1.0)
+    assert "linear" in report["kept"] and "head" in report["kept"]["linear"]
+    assert all(e < 1e-6 for row in report["layers"].values() for e in row["relative_error"])
+    expected, got = _outputs(reference), _outputs(bundle)
+    for task in bundle.tasks:
+        assert torch.allclose(got[task], expected[task], atol=1e-5)
+        dense = bundle.models[task].layer2[0].conv1.to_dense()
+        assert torch.allclose(dense.weight, reference.models[task].layer2[0].conv1.weight, atol=1e-6)
+    a, b, c = (m.layer2[0].conv1 for m in bundle.models.values())
+    assert a.shared_weight is b.shared_weight is c.shared_weight and a.delta_values is not b.delta_values
+    # The op of a composed layer runs the dense conv: MACs are the dense model's.
+    assert count_macs(bundle.models["t0"], (3, 16, 16)) == count_macs(reference.models["t0"], (3, 16, 16))
+
+
+def test_density_zero_is_hard_sharing():
+    hybrid, shared = _bundle(), _bundle()
+    hybridize(hybrid, density=0.0, keep_per_task=["conv1"])
+    hard_share(shared, init="mean", keep_per_task=["conv1"])
+    expected, got = _outputs(shared), _outputs(hybrid)
+    for task in hybrid.tasks:
+        assert torch.equal(got[task], expected[task])
+    assert hybrid.unique_parameters() == shared.unique_parameters()
+    assert hybrid_storage(hybrid)["nonzeros"] == 0
+
+
+def test_density_keeps_the_largest_differences_per_layer_and_task():
+    bundle = _bundle()
+    weights = torch.stack([m.layer3[0].conv2.weight.detach().reshape(-1) for m in bundle.models.values()])
+    diffs = (weights - weights.mean(0)).abs()
+    report = hybridize(bundle, density=0.1)
+    n = weights.shape[1]
+    assert report["layers"]["layer3.0.conv2"]["nnz"] == [round(0.1 * n)] * 3
+    for t, model in enumerate(bundle.models.values()):
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[model.layer3[0].conv2.positions()] = True
+        assert diffs[t][kept].min() >= diffs[t][~kept].max()
+
+
+def test_budget_is_shared_out_globally_by_magnitude():
+    bundle = _bundle()
+    reference = copy.deepcopy(bundle)
+    report = hybridize(bundle, budget=777)
+    assert report["nonzeros"] == 777 == hybrid_storage(bundle)["nonzeros"]
+    kept, dropped = [], []
+    for name, layers in hybrid_groups(bundle.models).items():
+        weights = torch.stack(
+            [m.get_submodule(name).weight.detach().reshape(-1) for m in reference.models.values()]
+        )
+        for layer, diff in zip(layers, (weights - weights.mean(0)).abs(), strict=True):
+            mask = torch.zeros(layer.numel, dtype=torch.bool)
+            mask[layer.positions()] = True
+            kept.append(diff[mask])
+            dropped.append(diff[~mask])
+    assert torch.cat(kept).min() >= torch.cat(dropped).max() - 1e-7
+    assert allocate_nonzeros([torch.ones(3), torch.ones(5)], [3, 5], budget=100) == [3, 5]
+
+
+def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_path):
+    bundle = _bundle()
+    hybridize(bundle, density=0.1, keep_per_task=["conv1"])
+    storage = hybrid_storage(bundle)
+    path = bundle.save(tmp_path / "b")
+    file = path / TENSORS
+    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
+    assert storage["file_bytes"] == file.stat().st_size
+    assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
+    # Every layer of resnet8 at width 0.5 has at most 65,536 entries: 2-byte indices.
+    assert (
+        storage["index_bytes"] == 2 * storage["nonzeros"]
+        and storage["value_bytes"] == 4 * storage["nonzeros"]
+    )
+    groups = hybrid_groups(bundle.models)
+    shared = sum(g[0].shared_weight.numel() for g in groups.values())
+    others = sum(
+        p.numel()
+        for n, p in bundle.models["t0"].named_parameters()
+        if "shared_" not in n and "delta_" not in n
+    )
+    others += sum(
+        p.numel()
+        for m in list(bundle.models.values())[1:]
+        for n, p in m.named_parameters()
+        if "shared_" not in n and "delta_" not in n
+    )
+    assert bundle.unique_parameters() == shared + storage["nonzeros"] + others
+
+    loaded = Bundle.load(path)
+    assert loaded.unique_parameters() == bundle.unique_parameters()
+    for name, layers in hybrid_groups(loaded.models).items():
+        assert all(layer.shared_weight is layers[0].shared_weight for layer in layers)
+        for layer, original in zip(layers, groups[name], strict=True):
+            assert layer.delta_indices.dtype == torch.int16
+            assert torch.equal(layer.delta_indices, original.delta_indices)
+            assert torch.equal(layer.delta_values, original.delta_values)
+            assert torch.equal(layer.shared_weight, original.shared_weight)
+    expected, got = _outputs(bundle), _outputs(loaded)
+    assert all(torch.equal(got[t], expected[t]) for t in bundle.tasks)
+
+
+def test_positions_use_two_bytes_up_to_65536_entries_then_four():
+    small = torch.tensor([0, 1, 32767, 32768, 65535])
+    assert index_dtype(65536) == torch.int16 and index_dtype(65537) == torch.int32
+    assert torch.equal(decode_positions(encode_positions(small, 65536)), small)
+    big = torch.tensor([0, 65536, 99999])
+    stored = encode_positions(big, 100_000)
+    assert stored.dtype == torch.int32 and torch.equal(decode_positions(stored), big)
+    layer = HybridLayer("Linear", {"in_features": 300, "out_features": 300}, bias=True, nnz=3)
+    assert layer.numel == 300 * 300 + 300 and layer.delta_indices.dtype == torch.int32
+
+
+def test_materialize_keeps_the_weight_until_a_part_changes():
+    layer = HybridLayer(
+        "Conv2d",
+        {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1},
+        bias=True,
+        materialize=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.shared_weight.copy_(torch.randn(layer.shared_weight.shape, generator=gen))
+        layer.shared_bias.copy_(torch.randn(6, generator=gen))
+    layer.set_delta(
+        torch.tensor([0, 5, 216 + 2]), torch.tensor([1.0, -2.0, 3.0])
+    )  # 216 weights, then the bias
+    recompose = copy.deepcopy(layer)
+    recompose.materialize = False
+    x = torch.randn(1, 4, 5, 5, generator=gen)
+    with torch.inference_mode():
+        first = layer(x)
+        assert torch.equal(first, recompose(x))
+    assert layer.kept_bytes() == (216 + 6) * 4 and recompose.kept_bytes() == 0
+    dense = layer.to_dense()
+    assert torch.allclose(dense(x), first, atol=1e-6) and dense.bias[2] == layer.shared_bias[2] + 3.0
+
+    # An optimiser step changes the values in place: the kept weight must not be reused.
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).sum().backward()
+    optimizer.step()
+    recompose.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(layer(x), first)
+        assert torch.equal(layer(x), recompose(x))
+
+
+def test_l1_penalty_adds_the_sign_of_each_value_to_its_gradient():
+    layer = HybridLayer("Linear", {"in_features": 3, "out_features": 2}, nnz=0)
+    layer.set_delta(torch.tensor([0, 2, 4]), torch.tensor([0.5, -0.25, 0.0]))
+    with l1_penalty([layer], 0.1):
+        (0.0 * layer(torch.ones(1, 3)).sum()).backward()
+    assert torch.equal(layer.delta_values.grad, torch.tensor([0.1, -0.1, 0.0]))
+    layer.delta_values.grad = None
+    (0.0 * layer(torch.ones(1, 3)).sum()).backward()  # the hooks are gone once the block ends
+    assert torch.equal(layer.delta_values.grad, torch.zeros(3))
+
+
+def test_training_shrinks_the_deltas_to_the_target_then_keeps_the_masks():
+    bundle = _bundle()
+    hybridize(bundle, density=0.2)
+    data = {t: _data(i) for i, t in enumerate(bundle.tasks)}
+    config = FitConfig(epochs=2, batch_size=16, max_batches=2)
+    records = train_hybrid(bundle, data, config, density=0.05, l1=1e-3, seed=0)
+    target = sum(
+        round(0.05 * layer.numel) for layers in hybrid_groups(bundle.models).values() for layer in layers
+    )
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["nonzeros"] == records[1]["nonzeros"] == target  # prune_epochs = epochs - 1
+    assert all(torch.isfinite(torch.tensor(list(r["loss"].values()))).all() for r in records)
+
+    positions = {
+        n: [layer.positions().clone() for layer in g] for n, g in hybrid_groups(bundle.models).items()
+    }
+    values = {
+        n: [layer.delta_values.detach().clone() for layer in g]
+        for n, g in hybrid_groups(bundle.models).items()
+    }
+    train_hybrid(bundle, data, FitConfig(epochs=1, batch_size=16, max_batches=2), density=0.05, seed=1)
+    for name, layers in hybrid_groups(bundle.models).items():
+        for i, layer in enumerate(layers):
+            assert torch.equal(layer.positions(), positions[name][i])
+        assert any(not torch.equal(layer.delta_values, values[name][i]) for i, layer in enumerate(layers))
+    schedule = nonzero_schedule(0.2, 0.05, 4)
+    assert schedule[-1] == 0.05 and all(a > b for a, b in zip(schedule, schedule[1:], strict=False))
+
+
+def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_path):
+    hybrid = {"density": 0.05, "keep_per_task": ["conv1"], "epochs": 2, "batch_size": 16, "max_batches": 2}
+    stages = [{"hybrid": hybrid}, {"evaluate": {"latency": False}}]
+    path = tiny_recipe(stages, train_per_class=20)
+    report = run_recipe(load_recipe(path), quiet=True)
+    checkpoint = tmp_path / "out" / "stages" / "00-hybrid"
+    bundle = Bundle.load(checkpoint / "bundle")
+    assert report.bundle["unique_parameters"] == bundle.unique_parameters()
+    assert report.bundle["bytes"] == (checkpoint / "bundle" / TENSORS).stat().st_size
+    metrics = json.loads((checkpoint / "result.json").read_text())["metrics"]["hybrid"]
+    assert metrics["kept"]["conv1"].startswith("kept per task") and metrics["storage"]["nonzeros"] > 0
+    assert all(row["nnz"] == [round(0.05 * row["entries"])] * 2 for row in metrics["layers"].values())
+    stages[1] = {"evaluate": {"latency": False, "batch_size": 32}}  # resumes from the saved Hybrid bundle
+    path = tiny_recipe(stages, train_per_class=20)
+    again = run_recipe(load_recipe(path), quiet=True)
+    assert [s["status"] for s in again.stages] == ["resumed", "ran"]
+    assert again.tasks["a"]["accuracy"] == report.tasks["a"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        ({"density": 1.5}, "density", r"expected a number in \[0, 1\], got 1.5"),
+        ({"density": -0.1}, "density", r"in \[0, 1\]"),
+        ({}, "density", "give exactly one target"),
+        ({"density": 0.1, "budget": 10}, "density", "give exactly one target"),
+        ({"budget": -3}, "budget", r"integer >= 0"),
+        ({"density": 0.1, "epochs": 2, "prune_epochs": 3}, "prune_epochs", r"\[0, epochs=2\]"),
+        ({"density": 0.1, "lr": 0}, "lr", "> 0"),
+        ({"density": 0.1, "init_factor": 0.5}, "init_factor", ">= 1"),
+    ],
+)
+def test_bad_config_names_the_field(data, field, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict(HybridConfig, data, "stages[0].hybrid")
+    assert err.value.path == f"stages[0].hybrid.{field}"
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="keep_per_task: pattern 'layer9' matches no layer"):
+        hybridize(_bundle(), density=0.1, keep_per_task=["layer9"])
+    with pytest.raises(TypeError, match=r"keep_per_task: expected a list .*write \['conv1'\]"):
+        hybridize(_bundle(), density=0.1, keep_per_task="conv1")
+    with pytest.raises(ValueError, match="density: expected a number in"):
+        hybridize(_bundle(), density=2.0)
+    with pytest.raises(ValueError, match="no layer to share"):
+        hybridize(_bundle(), density=0.1, keep_per_task=["conv1", "layer*"])
+    with pytest.raises(ValueError, match=r"nnz: expected an integer in \[0, 216\]"):
+        HybridLayer("Conv2d", {"in_channels": 3, "out_channels": 8, "kernel_size": 3}, nnz=300)
+    with pytest.raises(ValueError, match="op: expected one of"):
+        HybridLayer("Conv3d", {}, nnz=0)
