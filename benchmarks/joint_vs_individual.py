@@ -428,7 +428,11 @@ def environment(args: argparse.Namespace, s: Settings, started: float) -> dict[s
     }
 
 
-def write(out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+def write(
+    out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: Callable | None = None
+) -> None:
+    """``<tag>.csv`` of the rows, ``<tag>.json`` of ``extra`` and ``<tag>.png`` drawn by ``plot``."""
+    plot = plot or plot_curves
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / f"{tag}.csv", "w", newline="") as f:
@@ -440,7 +444,7 @@ def write(out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any]
     log(f"wrote {out / tag}.csv, .json, .png")
 
 
-def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import math
 import os
 import platform
@@ -62,8 +60,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from joint_vs_individual import (  # noqa: E402  (same folder: run as a script)
+    accuracies,
+    fmt,
+    log,
+    ratio_at_drop,
+    task_specs,
+    write,
+)
+
 from jtucker_plugin import defaults  # noqa: E402
-from jtucker_plugin.data import DataSpec, TaskData, load_task_data  # noqa: E402
+from jtucker_plugin.data import TaskData, load_task_data  # noqa: E402
 from jtucker_plugin.decompose.apply import decompose_bundle  # noqa: E402
 from jtucker_plugin.decompose.ranks import Budget, BudgetConfig, select_ranks  # noqa: E402
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores  # noqa: E402
@@ -72,7 +79,7 @@ from jtucker_plugin.merge.share import hard_share  # noqa: E402
 from jtucker_plugin.metrics import count_parameters  # noqa: E402
 from jtucker_plugin.models import create_model  # noqa: E402
 from jtucker_plugin.multitask import Bundle, TaskInfo  # noqa: E402
-from jtucker_plugin.train import FitConfig, evaluate, fit  # noqa: E402
+from jtucker_plugin.train import FitConfig, fit  # noqa: E402
 
 CIFAR = "cifar10-jpeg-imagefolder.tar.gz"
 WEIGHTS = "weights/resnet20-12fca82f.th"
@@ -116,23 +123,6 @@ QUICK = Settings(
     densities=(0.05,),
     share_keeps=("",),
 )
-
-
-def task_specs(s: Settings) -> dict[str, DataSpec]:
-    caps = {"train_per_class": s.train_per_class, "test_per_class": s.test_per_class}
-    return {
-        "vehicles": DataSpec(
-            dataset="imagefolder", path=CIFAR, classes=["airplane", "automobile", "ship", "truck"], **caps
-        ),
-        "animals": DataSpec(
-            dataset="imagefolder", path=CIFAR, classes=["bird", "cat", "deer", "dog", "frog", "horse"], **caps
-        ),
-        "fashion": DataSpec(dataset="fashionmnist", root=".", image_size=32, channels=3, **caps),
-    }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def base_bundle(data: dict[str, TaskData], weights: Path, seed: int) -> Bundle:
@@ -217,24 +207,6 @@ def recover(
         train_hybrid(bundle, data, config, density=setting, l1=s.l1, seed=s.seed)
     else:
         fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed)
-
-
-def accuracies(bundle: Bundle, data: dict[str, TaskData]) -> dict[str, float]:
-    return {t: evaluate(m, data[t].test)["accuracy"] for t, m in bundle.models.items()}
-
-
-def ratio_at_drop(points: list[tuple[float, float]]) -> dict[str, float | None]:
-    """``best``: the largest measured ratio within LIMIT_PP; ``interp``: the last crossing."""
-    meeting = [cr for cr, drop in points if drop <= LIMIT_PP]
-    curve = sorted([(1.0, 0.0), *points])
-    interp = None
-    for (c0, d0), (c1, d1) in zip(curve, curve[1:], strict=False):
-        if d0 <= LIMIT_PP < d1:
-            f = (LIMIT_PP - d0) / (d1 - d0)
-            interp = math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0)))
-    if curve[-1][1] <= LIMIT_PP:
-        interp = curve[-1][0]  # no crossing within the measured range
-    return {"best": max(meeting) if meeting else None, "interp": interp}
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -330,12 +302,8 @@ def run(args: argparse.Namespace) -> None:
 
     summary = summarise(rows, methods)
     env = environment(args, s, started)
-    write(args.out, tag, rows, {"summary": summary, "reference_accuracy": ref, "environment": env})
+    write(args.out, tag, rows, {"summary": summary, "reference_accuracy": ref, "environment": env}, plot=plot)
     print_table(rows, summary, list(data))
-
-
-def fmt(acc: dict[str, float]) -> str:
-    return " ".join(f"{t} {a:.4f}" for t, a in acc.items())
 
 
 def environment(args: argparse.Namespace, s: Settings, started: float) -> dict[str, Any]:
@@ -350,18 +318,6 @@ def environment(args: argparse.Namespace, s: Settings, started: float) -> dict[s
         "total_seconds": round(time.perf_counter() - started),
         "cpu_seconds": round(time.process_time()),
     }
-
-
-def write(out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / f"{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{tag}.json").write_text(json.dumps(extra, indent=1))
-    plot(out / f"{tag}.png", rows, tag)
-    log(f"wrote {out / tag}.csv, .json, .png")
 
 
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:

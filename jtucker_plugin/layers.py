@@ -159,6 +159,14 @@ register_layer(
 register_layer(nn.Identity, config=lambda m: {})
 
 
+def find_module(model: nn.Module, path: str) -> nn.Module | None:
+    """``model.get_submodule(path)``, or ``None`` when there is no module at ``path``."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def same_structure(module: nn.Module, type_name: str, config: dict[str, Any]) -> bool:
     """Whether ``module`` already is a ``type_name`` built from ``config``."""
     return (

@@ -319,10 +319,7 @@ def _skeleton(info: TaskInfo, records: list[list[Any]]) -> nn.Module:
 
     model = create_model(info.arch, info.num_classes, in_channels=info.in_channels, width=info.width)
     for layer_path, type_name, config in records:
-        try:
-            current = model.get_submodule(layer_path)
-        except AttributeError:  # a module a stage added to the architecture
-            current = None
+        current = layers.find_module(model, layer_path)  # None: a module a stage added
         if current is None or not layers.same_structure(current, type_name, config):
             model.set_submodule(layer_path, layers.build_layer(type_name, config), strict=False)
     return model

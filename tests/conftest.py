@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from jtucker_plugin.models import create_model
+from jtucker_plugin.multitask import Bundle, TaskInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,3 +85,28 @@ def tiny_recipe(tmp_path):
         return path
 
     return write
+
+
+def close_tasks_bundle(n_tasks: int = 3, width: float = 0.5) -> Bundle:
+    """``n_tasks`` ResNet-8 task models that stay close to one backbone, as fine-tuned tasks do
+    (each parameter moved by 5% of its spread, seeded per task); 3 x 16 x 16 inputs."""
+    base = create_model("resnet8", 10, width=width, seed=0)
+    models = {}
+    for i in range(n_tasks):
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(i + 1)
+            for p in model.parameters():
+                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+        models[f"t{i}"] = model
+    info = {
+        t: TaskInfo(
+            arch="resnet8",
+            num_classes=10,
+            width=width,
+            input_shape=(3, 16, 16),
+            dense_parameters=sum(p.numel() for p in m.parameters()),
+        )
+        for t, m in models.items()
+    }
+    return Bundle(models, info)

@@ -19,6 +19,7 @@ from torch import nn
 from jtucker_plugin.decompose.layers import FactorizedLinear, TuckerConv2d
 from jtucker_plugin.decompose.ranks import LayerInfo, Ranks, tucker_params
 from jtucker_plugin.decompose.tucker import joint_spectrum, joint_tucker
+from jtucker_plugin.layers import find_module
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
 
@@ -49,7 +50,7 @@ def find_layers(
     for name, module in ref.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear) or _inside_factorized(ref, name):
             continue
-        others = [_get(models[t], name) for t in tasks[1:]]
+        others = [find_module(models[t], name) for t in tasks[1:]]
         if name == head or name.startswith(head + "."):
             reason = "classifier head (per task)"
         elif not _matches(name, include) or _matches(name, exclude):
@@ -75,16 +76,9 @@ def find_layers(
     return chosen, skipped
 
 
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _inside_factorized(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(isinstance(_get(model, ".".join(parts[:i])), FACTORIZED) for i in range(1, len(parts)))
+    return any(isinstance(find_module(model, ".".join(parts[:i])), FACTORIZED) for i in range(1, len(parts)))
 
 
 def _spatial_sizes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, tuple]:

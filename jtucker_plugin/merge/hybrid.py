@@ -128,7 +128,7 @@ def find_hybrid_layers(
         # A composed layer's op has no weight of its own: it is not a layer to share.
         if type(module) not in _OP_TYPES or not isinstance(module._parameters.get("weight"), nn.Parameter):
             continue
-        others = [_get(models[t], name) for t in tasks[1:]]
+        others = [layer_configs.find_module(models[t], name) for t in tasks[1:]]
         matched = _matching(name, patterns)
         if name == head or name.startswith(head + "."):
             reason = "classifier head (per task)"
@@ -143,13 +143,6 @@ def find_hybrid_layers(
             continue
         skipped[name] = reason
     return chosen, skipped
-
-
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _same_layer(a: nn.Module, b: nn.Module | None) -> bool:

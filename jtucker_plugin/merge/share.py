@@ -203,19 +203,12 @@ def _reason_to_keep(
     if any(_own_parameters(child) for child in module.modules() if child is not module):
         # Sharing it whole would also share sub-layers the rules above might keep per task.
         return "owns parameters beside its sub-layers' (kept per task)"
-    others = [_get(models[t], name) for t in tasks[1:]]
+    others = [layer_configs.find_module(models[t], name) for t in tasks[1:]]
     if any(o is None or not _same_layout(module, o) for o in others):
         return "weights differ in type or shape across tasks"
     if all(o is module for o in others):
         return "already one module shared by all tasks"
     return None
-
-
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _same_layout(a: nn.Module, b: nn.Module) -> bool:

@@ -6,35 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import close_tasks_bundle
 
 from jtucker_plugin.decompose.apply import decompose_bundle, find_layers
 from jtucker_plugin.decompose.layers import TuckerConv2d
 from jtucker_plugin.decompose.ranks import rank_config_from_dict, select_ranks
-from jtucker_plugin.models import create_model
-from jtucker_plugin.multitask import Bundle, TaskInfo
-
-
-def _bundle(n_tasks=3, width=0.5) -> Bundle:
-    base = create_model("resnet8", 10, width=width, seed=0)
-    models = {}
-    for i in range(n_tasks):
-        model = copy.deepcopy(base)
-        with torch.no_grad():  # tasks close to a common backbone, as after fine-tuning
-            gen = torch.Generator().manual_seed(i + 1)
-            for p in model.parameters():
-                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
-        models[f"t{i}"] = model
-    info = {
-        t: TaskInfo(
-            arch="resnet8",
-            num_classes=10,
-            width=width,
-            input_shape=(3, 16, 16),
-            dense_parameters=sum(p.numel() for p in m.parameters()),
-        )
-        for t, m in models.items()
-    }
-    return Bundle(models, info)
+from jtucker_plugin.multitask import Bundle
 
 
 def _select(config):
@@ -43,7 +20,7 @@ def _select(config):
 
 
 def test_find_layers_keeps_heads_and_small_layers_dense():
-    bundle = _bundle()
+    bundle = close_tasks_bundle()
     chosen, skipped = find_layers(bundle.models, min_params=500)
     assert "linear" in skipped and "head" in skipped["linear"]
     assert "conv1" in skipped and "too small" in skipped["conv1"]  # 3 -> 8 channels, 216 weights
@@ -51,7 +28,7 @@ def test_find_layers_keeps_heads_and_small_layers_dense():
 
 
 def test_joint_shares_factors_and_output_matches_dense_reconstruction(tmp_path):
-    bundle = _bundle()
+    bundle = close_tasks_bundle()
     reference = copy.deepcopy(bundle)
     result = decompose_bundle(
         bundle, _select({"strategy": "ratio", "ratio": 0.5}), joint=True, min_params=100
@@ -83,7 +60,7 @@ def test_joint_shares_factors_and_output_matches_dense_reconstruction(tmp_path):
 
 
 def test_joint_stores_factors_once_individual_per_task():
-    joint, individual = _bundle(), _bundle()
+    joint, individual = close_tasks_bundle(), close_tasks_bundle()
     select = _select({"strategy": "fixed", "rank": [4, 4], "clip": True})
     decompose_bundle(joint, select, joint=True, min_params=100)
     decompose_bundle(individual, select, joint=False, min_params=100)
@@ -93,7 +70,7 @@ def test_joint_stores_factors_once_individual_per_task():
 
 
 def test_budget_is_met_on_the_decomposed_layers():
-    bundle = _bundle()
+    bundle = close_tasks_bundle()
     chosen, _ = find_layers(bundle.models, min_params=100)
     dense = sum(bundle.models["t0"].get_submodule(n).weight.numel() for n in chosen) * 3
     decompose_bundle(
@@ -114,7 +91,7 @@ def test_budget_is_met_on_the_decomposed_layers():
 
 
 def test_ranks_that_do_not_save_keep_the_layer_dense():
-    bundle = _bundle()
+    bundle = close_tasks_bundle()
     result = decompose_bundle(
         bundle, _select({"strategy": "ratio", "ratio": 1.0}), joint=True, min_params=100
     )
@@ -129,5 +106,5 @@ def test_nothing_to_decompose_is_an_error():
         r"kept dense: .*linear \(classifier head",
     ):
         decompose_bundle(
-            _bundle(), _select({"strategy": "ratio", "ratio": 0.5}), joint=True, include=["linear"]
+            close_tasks_bundle(), _select({"strategy": "ratio", "ratio": 0.5}), joint=True, include=["linear"]
         )

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import close_tasks_bundle
 
 import jtucker_plugin.stages.decompose  # noqa: F401  (registers the jtucker stage)
 from jtucker_plugin.decompose.apply import decompose_bundle
@@ -15,8 +16,7 @@ from jtucker_plugin.decompose.ranks import rank_config_from_dict, select_ranks
 from jtucker_plugin.decompose.shared_core import CoreSharing, TaskMixLayer, joint_layers, share_cores
 from jtucker_plugin.merge.composed import HybridLayer
 from jtucker_plugin.merge.hybrid import hybrid_storage
-from jtucker_plugin.models import create_model
-from jtucker_plugin.multitask import TENSORS, Bundle, TaskInfo
+from jtucker_plugin.multitask import TENSORS, Bundle
 from jtucker_plugin.recipe.load import load_recipe
 from jtucker_plugin.recipe.runner import run_recipe
 from jtucker_plugin.recipe.schema import ConfigError, from_dict
@@ -33,26 +33,9 @@ def _joint_bundle() -> tuple[Bundle, list[str]]:
 
 @functools.cache
 def _decomposed() -> tuple[Bundle, tuple[str, ...]]:
-    base = create_model("resnet8", 10, width=0.5, seed=0)
-    models = {}
-    for i in range(3):
-        model = copy.deepcopy(base)
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(i + 1)
-            for p in model.parameters():
-                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
-        models[f"t{i}"] = model.eval()
-    info = {
-        t: TaskInfo(
-            arch="resnet8",
-            num_classes=10,
-            width=0.5,
-            input_shape=(3, 16, 16),
-            dense_parameters=sum(p.numel() for p in m.parameters()),
-        )
-        for t, m in models.items()
-    }
-    bundle = Bundle(models, info)
+    bundle = close_tasks_bundle(3, 0.5)
+    for model in bundle.models.values():
+        model.eval()
     config = rank_config_from_dict({"strategy": "ratio", "ratio": 0.5})
     result = decompose_bundle(
         bundle, lambda infos, ev: select_ranks(config, infos), joint=True, min_params=100

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from conftest import close_tasks_bundle
 
 import jtucker_plugin.stages.hybrid  # noqa: F401  (registers the stage)
 from jtucker_plugin.data import ArrayDataset, TaskData
@@ -23,8 +24,7 @@ from jtucker_plugin.merge.hybrid import (
 )
 from jtucker_plugin.merge.share import hard_share
 from jtucker_plugin.metrics import count_macs
-from jtucker_plugin.models import create_model
-from jtucker_plugin.multitask import TENSORS, Bundle, TaskInfo
+from jtucker_plugin.multitask import TENSORS, Bundle
 from jtucker_plugin.recipe.load import load_recipe
 from jtucker_plugin.recipe.runner import run_recipe
 from jtucker_plugin.recipe.schema import ConfigError, from_dict
@@ -35,26 +35,10 @@ X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
 
 
 def _bundle(n_tasks: int = 3, width: float = 0.5) -> Bundle:
-    base = create_model("resnet8", 10, width=width, seed=0)
-    models = {}
-    for i in range(n_tasks):
-        model = copy.deepcopy(base)
-        with torch.no_grad():  # tasks close to a common backbone, as after fine-tuning
-            gen = torch.Generator().manual_seed(i + 1)
-            for p in model.parameters():
-                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
-        models[f"t{i}"] = model.eval()
-    info = {
-        t: TaskInfo(
-            arch="resnet8",
-            num_classes=10,
-            width=width,
-            input_shape=(3, 16, 16),
-            dense_parameters=sum(p.numel() for p in m.parameters()),
-        )
-        for t, m in models.items()
-    }
-    return Bundle(models, info)
+    bundle = close_tasks_bundle(n_tasks, width)
+    for model in bundle.models.values():
+        model.eval()
+    return bundle
 
 
 def _outputs(bundle: Bundle) -> dict[str, torch.Tensor]:
