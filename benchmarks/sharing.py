@@ -28,15 +28,23 @@ batch norm and heads stay per task everywhere.
 Compression ratio: in parameters (the tasks' dense parameters over the bundle's unique ones;
 a sparse delta counts its values), and in bytes (the tensor data of the separate dense models
 over that of the bundle, ``Bundle.stored_tensors``: indices, batch-norm statistics included).
+Int8 (``--no-int8`` to skip): every bundle, the dense reference too, then goes through
+``quantize_tasks(..., "int8_static")`` (Intel Neural Compressor, PT2E; calibrated on 4 batches of
+each task's training images): shared weights are quantized once (batch norms after shared convs
+stay per-task affines; Hybrid layers run as an int8 shared layer plus their sparse float
+deltas, ``merge.branches``). Its ratio is the dense fp32 tensor bytes over the int8 program's
+tensor bytes, its drop against the same fp32 reference.
+
 "CR at <= 1 pp": the largest measured ratio whose mean drop is at most 1 pp (``best``) and the
 ratio where the curve, anchored at (1x, 0 pp), crosses 1 pp, interpolated in log(ratio)
 (``interp``; when only a method's first point is above 1 pp, the line from (1x, 0 pp) to it: a
 rough guess). Target of issue 6: the best of ours (hybrid, jtucker_sparse,
-jtucker_taskrank) at least 2x hard sharing's ratio, checked on both ``best`` and ``interp``.
+jtucker_taskrank) at least 2x hard sharing's ratio, checked on both ``best`` and ``interp``,
+and at least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
 ``sharing-resnet20[-quick]-pt<torch>-cpu``: ``.csv`` (one row per point), ``.json`` (summary,
-environment) and ``.png`` (drop against both compression ratios).
+environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8 bytes).
 
 Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--quick] [--threads 1]``.
 """
@@ -79,13 +87,16 @@ from jtucker_plugin.merge.share import hard_share  # noqa: E402
 from jtucker_plugin.metrics import count_parameters  # noqa: E402
 from jtucker_plugin.models import create_model  # noqa: E402
 from jtucker_plugin.multitask import Bundle, TaskInfo  # noqa: E402
-from jtucker_plugin.train import FitConfig, fit  # noqa: E402
+from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
+from jtucker_plugin.train import FitConfig, evaluate, fit  # noqa: E402
 
 CIFAR = "cifar10-jpeg-imagefolder.tar.gz"
 WEIGHTS = "weights/resnet20-12fca82f.th"
 KEEP_PER_TASK = ["conv1"]
 LIMIT_PP = 1.0
 OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank")
+INT8_TARGET = 20.0
+CALIBRATION_BATCHES = 4
 _OVERRIDES = ("train_per_class", "test_per_class", "base_epochs", "finetune_epochs")
 
 
@@ -103,7 +114,7 @@ class Settings:
     # Points around the 1 pp frontier of this short recovery: milder budgets lost 20-30 pp.
     budgets: tuple[float, ...] = (0.8, 0.6, 0.4)  # tucker, jtucker
     # counted with per-task cores; shared cores store ~1/2 (task_rank 2) to ~1/3 (sparse) of it
-    shared_core_budgets: tuple[float, ...] = (0.8, 0.6, 0.45)
+    shared_core_budgets: tuple[float, ...] = (0.8, 0.6, 0.45, 0.3)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
     # hard sharing: more layers per task (beside conv1) for points below its full 2.95x
     share_keeps: tuple[str, ...] = ("", "layer1 layer2", "layer1 layer2 layer3.0")
@@ -142,6 +153,19 @@ def base_bundle(data: dict[str, TaskData], weights: Path, seed: int) -> Bundle:
 def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes of tensor data (what a safetensors file holds besides its header)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def int8(bundle: Bundle, data: dict[str, TaskData], s: Settings) -> tuple[dict[str, float], int]:
+    """Accuracy per task and tensor bytes of the bundle through Intel Neural Compressor's static int8."""
+    from jtucker_plugin.integrations.neural_compressor import quantize_tasks  # imports INC: seconds
+
+    calibration = {
+        t: calibration_batches(d, t, CALIBRATION_BATCHES, s.batch_size, s.seed) for t, d in data.items()
+    }
+    shapes = {t: tuple(bundle.info[t].input_shape) for t in bundle.tasks}
+    result = quantize_tasks(bundle.models, "int8_static", shapes, calibration=calibration)
+    acc = {t: evaluate(result.models[t], data[t].test)["accuracy"] for t in bundle.tasks}
+    return acc, data_bytes(result.stored_tensors())
 
 
 def _budget(fraction: float) -> Callable:
@@ -209,13 +233,17 @@ def recover(
         fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed)
 
 
+def _points(rows: list[dict[str, Any]], method: str, unit: str) -> list[tuple[float, float]]:
+    drop = "mean_drop_int8_pp" if unit == "int8_bytes" else "mean_drop_pp"
+    return [(r[f"cr_{unit}"], r[drop]) for r in rows if r["method"] == method and f"cr_{unit}" in r]
+
+
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for unit in ("params", "bytes"):
-        per_method = {}
-        for method in methods:
-            points = [(r[f"cr_{unit}"], r["mean_drop_pp"]) for r in rows if r["method"] == method]
-            per_method[method] = ratio_at_drop(points)
+    for unit in ("params", "bytes", "int8_bytes"):
+        per_method = {m: ratio_at_drop(_points(rows, m, unit)) for m in methods if _points(rows, m, unit)}
+        if not per_method:
+            continue
         target = {}
         for key in ("best", "interp"):
             ours = [per_method[m][key] for m in OURS if per_method.get(m, {}).get(key)]
@@ -230,6 +258,12 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             else:
                 target[key] = {"best_of_ours": max(ours, default=None), "share": hard, "met": False}
         out[unit] = {"methods": per_method, "target_2x_share": target}
+        if unit == "int8_bytes":
+            ours = [per_method[m]["best"] for m in OURS if per_method.get(m, {}).get("best")]
+            out[unit]["target_20x"] = {
+                "best_of_ours": max(ours, default=None),
+                "met": max(ours, default=0) >= INT8_TARGET,
+            }
     return out
 
 
@@ -269,6 +303,7 @@ def run(args: argparse.Namespace) -> None:
     ref = accuracies(dense, data)
 
     def record(method: str, setting: Any, bundle: Bundle, acc: dict[str, float], seconds: float) -> None:
+        t0 = time.perf_counter()
         row = {
             "method": method,
             "setting": setting,
@@ -284,10 +319,24 @@ def run(args: argparse.Namespace) -> None:
             "finetune_steps_per_task": s.finetune_epochs * steps,
             "seconds": round(seconds),
         }
+        if args.int8:
+            acc8, bytes8 = int8(bundle, data, s)
+            row.update(
+                cr_int8_bytes=round(dense_bytes / bytes8, 4),
+                int8_bytes=bytes8,
+                **{f"acc_int8_{t}": round(a, 4) for t, a in acc8.items()},
+                mean_drop_int8_pp=round(100 * sum(ref[t] - acc8[t] for t in acc8) / len(acc8), 3),
+                int8_seconds=round(time.perf_counter() - t0),
+            )
         rows.append(row)
         log(
             f"{method:16s} {setting!s:22s} CR {row['cr_params']:6.2f}x params {row['cr_bytes']:6.2f}x bytes  "
             f"drop {row['mean_drop_pp']:+6.2f} pp  {fmt(acc)}  ({seconds:.0f} s)"
+            + (
+                f"  int8 {row['cr_int8_bytes']:6.2f}x drop {row['mean_drop_int8_pp']:+6.2f} pp"
+                if args.int8
+                else ""
+            )
         )
 
     record("dense", None, dense, ref, time.perf_counter() - t0)
@@ -327,7 +376,8 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    units = [u for u in ("params", "bytes", "int8_bytes") if any(f"cr_{u}" in r for r in rows)]
+    fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4.8), sharey=True)
     styles = {
         "tucker": "s--",
         "jtucker": "o-",
@@ -336,9 +386,9 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         "jtucker_sparse": "^-",
         "jtucker_taskrank": "P-.",
     }
-    for ax, unit in zip(axes, ("params", "bytes"), strict=True):
+    for ax, unit in zip(axes, units, strict=True):
         for method, style in styles.items():
-            points = sorted((r[f"cr_{unit}"], r["mean_drop_pp"]) for r in rows if r["method"] == method)
+            points = sorted(_points(rows, method, unit))
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=method, markersize=7)
         ax.axhline(LIMIT_PP, color="grey", lw=0.8, ls=":", label=f"{LIMIT_PP:g} pp drop")
@@ -346,7 +396,11 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        what = "unique parameters" if unit == "params" else "bytes stored (indices included)"
+        what = {
+            "params": "unique parameters",
+            "bytes": "bytes stored (indices included)",
+            "int8_bytes": "bytes after int8 (vs dense fp32)",
+        }[unit]
         ax.set_xlabel(f"compression ratio: {what}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("mean accuracy drop vs dense (pp)")
@@ -361,13 +415,16 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], tasks: list
     head = f"{'method':16s} {'setting':22s} {'CR par':>7s} {'CR byte':>7s} " + " ".join(
         f"{t:>9s}" for t in tasks
     )
-    print("\n" + head + f" {'mean':>7s} {'drop pp':>8s} {'s':>5s}")
+    print("\n" + head + f" {'mean':>7s} {'drop pp':>8s} {'s':>5s} {'int8 CR':>8s} {'int8 drop':>9s}")
     for r in rows:
         accs = " ".join(f"{100 * r[f'acc_{t}']:9.2f}" for t in tasks)
         setting = "" if r["setting"] is None else str(r["setting"])
+        quantized = (
+            f" {r['cr_int8_bytes']:8.2f} {r['mean_drop_int8_pp']:9.2f}" if "cr_int8_bytes" in r else ""
+        )
         print(
             f"{r['method']:16s} {setting:22s} {r['cr_params']:7.2f} {r['cr_bytes']:7.2f} {accs} "
-            f"{100 * r['mean_accuracy']:7.2f} {r['mean_drop_pp']:8.2f} {r['seconds']:5d}"
+            f"{100 * r['mean_accuracy']:7.2f} {r['mean_drop_pp']:8.2f} {r['seconds']:5d}{quantized}"
         )
     for unit, result in summary.items():
         print(f"\ncompression ratio ({unit}) at <= {LIMIT_PP:g} pp mean drop (best measured / interpolated):")
@@ -380,6 +437,12 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], tasks: list
                 f"  target ({key}: best of ours >= 2x share): best of ours {t['best_of_ours']}, "
                 f"share {t['share']}, met: {t['met']}"
             )
+        if "target_20x" in result:
+            t = result["target_20x"]
+            print(
+                f"  target (best of ours >= {INT8_TARGET:g}x after int8): "
+                f"{t['best_of_ours']}, met: {t['met']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -391,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in _OVERRIDES:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/tmp/jtucker-bench"), help="cache of the decoded images"

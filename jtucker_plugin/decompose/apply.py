@@ -20,6 +20,7 @@ from jtucker_plugin.decompose.layers import FactorizedLinear, TuckerConv2d
 from jtucker_plugin.decompose.ranks import LayerInfo, Ranks, tucker_params
 from jtucker_plugin.decompose.tucker import joint_spectrum, joint_tucker
 from jtucker_plugin.layers import find_module
+from jtucker_plugin.merge.composed import ComposedLayer
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
 
@@ -48,6 +49,9 @@ def find_layers(
     head = head_name(ref)
     chosen, skipped = [], {}
     for name, module in ref.named_modules():
+        if isinstance(module, ComposedLayer) and not _inside_factorized(ref, name):
+            skipped[name] = f"{type(module).__name__}: composed from shared parts; decompose before sharing"
+            continue
         if not isinstance(module, nn.Conv2d | nn.Linear) or _inside_factorized(ref, name):
             continue
         others = [find_module(models[t], name) for t in tasks[1:]]
@@ -78,7 +82,10 @@ def find_layers(
 
 def _inside_factorized(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(isinstance(find_module(model, ".".join(parts[:i])), FACTORIZED) for i in range(1, len(parts)))
+    return any(
+        isinstance(find_module(model, ".".join(parts[:i])), (*FACTORIZED, ComposedLayer))
+        for i in range(1, len(parts))
+    )
 
 
 def _spatial_sizes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, tuple]:

@@ -82,6 +82,7 @@ from jtucker_plugin.decompose.ranks import (
     select_ranks,
 )
 from jtucker_plugin.io import atomic_write_bytes
+from jtucker_plugin.merge.branches import to_branches
 from jtucker_plugin.recipe.schema import did_you_mean
 
 log = logging.getLogger("jtucker_plugin")
@@ -530,11 +531,16 @@ def quantize_tasks(
                 "task's activation ranges from its own images"
             )
     multi = MultiTaskModel(copy.deepcopy(dict(models))).eval()
+    # Hybrid layers run as a shared layer (quantized once) plus their sparse delta (kept float).
+    deltas = to_branches(dict(multi.items()), delta="sparse")
     examples = tuple(torch.zeros(2, *input_shapes[t]) for t in tasks)  # batch 2: 1 would specialise
     dynamic = (tuple({0: torch.export.Dim(f"batch_{i}", min=1)} for i in range(len(tasks))),)
     if scheme == "weight_only_rtn":
         groups = _shared_paths(multi)
-        multi = quantize(multi, RTNConfig(bits=bits, group_size=group_size, use_layer_wise=False))
+        config = RTNConfig(bits=bits, group_size=group_size, use_layer_wise=False)
+        for path in deltas:
+            config.set_local(f"{path}.op", RTNConfig(dtype="fp32"))
+        multi = quantize(multi, config)
         for paths in groups:  # INC replaces a shared module under its first name only
             for other in paths[1:]:
                 multi.set_submodule(other, multi.get_submodule(paths[0]))
@@ -542,8 +548,10 @@ def quantize_tasks(
     from neural_compressor.torch.export import export
 
     graph = export(multi, example_inputs=examples, dynamic_shapes=dynamic)
-    _separate_bn_folded_weights(graph)
+    _unfold_shared_batch_norms(graph)
     config = get_default_static_config() if scheme == "int8_static" else get_default_dynamic_config()
+    for path in deltas:
+        config.set_local(path, type(config)(w_dtype="fp32", act_dtype="fp32"))
     prepared = prepare(graph, config)
     # Weight observers record their ranges in a forward pass, dynamic quantization too.
     batches = {t: list((calibration or {}).get(t) or [examples[i]]) for i, t in enumerate(tasks)}
@@ -564,40 +572,71 @@ def _shared_paths(model: nn.Module) -> list[list[str]]:
     return [p for p in paths.values() if len(p) > 1]
 
 
-def _separate_bn_folded_weights(gm: torch.fx.GraphModule) -> None:
-    """Give each conv followed by a batch norm its own weight when several convs share it.
+def _unfold_shared_batch_norms(gm: torch.fx.GraphModule) -> None:
+    """Turn the batch norm after a conv whose weight several convs share into a channel affine.
 
-    PT2E folds every batch norm into the conv before it; for a weight shared by several convs
-    (J-Tucker's ``out_proj`` in every task) torchao folds the first task's batch norm and drops
-    the others. Folded weights are per task by nature (``U`` scaled by each task's batch norm),
-    so each such conv gets a copy; weights not followed by a batch norm (``in_proj``) stay shared.
+    PT2E folds every batch norm into the conv before it. A weight shared by several tasks
+    (hard sharing's convs, J-Tucker's ``out_proj``) is followed by each task's own batch norm:
+    folded, it would become one int8 weight per task (torchao even folds only the first task's
+    and drops the others). Written as ``x * scale + shift`` with each task's constants, the
+    batch norm is not folded, so the shared weight is quantized and stored once; the affine
+    runs in float (two ops per channel and pixel).
     """
     aten = torch.ops.aten
     convs = {aten.conv1d.default, aten.conv2d.default}
-    norms = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
-    copies = 0
+    rewritten = 0
     for weight in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        folded = [
-            u
-            for u in weight.users
-            if u.op == "call_function"
-            and u.target in convs
-            and u.args[1] is weight
-            and any(v.op == "call_function" and v.target in norms for v in u.users)
+        users = [
+            u for u in weight.users if u.op == "call_function" and u.target in convs and u.args[1] is weight
         ]
-        for conv in folded[1:] if len(weight.users) == len(folded) else folded:
-            name = f"_bn_folded_weight_{copies}"
-            copies += 1
-            owner, _, attr = weight.target.rpartition(".")
-            value = getattr(gm.get_submodule(owner), attr)
-            gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
-            with gm.graph.inserting_before(conv):
-                own = gm.graph.get_attr(name)
-            own.meta = dict(weight.meta)
-            conv.replace_input_with(weight, own)
-    if copies:
+        if len(users) < 2:
+            continue
+        for conv in users:
+            for norm in [
+                v for v in conv.users if v.op == "call_function" and v.target == aten.batch_norm.default
+            ]:
+                _replace_batch_norm(gm, norm, rewritten)
+                rewritten += 1
+    if rewritten:
+        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+        _drop_unused_tensors(gm)
+
+
+def _replace_batch_norm(gm: torch.fx.GraphModule, norm: torch.fx.Node, index: int) -> None:
+    """``aten.batch_norm(x, w, b, mean, var, training=False, _, eps, _)`` -> ``x * scale + shift``."""
+    x, w, b, mean, var, training, _, eps = norm.args[:8]
+    if training:
+        raise ValueError(f"{norm.name}: a batch norm in training mode cannot be rewritten")
+
+    def value(node: torch.fx.Node) -> Tensor:
+        owner, _, attr = node.target.rpartition(".")
+        return getattr(gm.get_submodule(owner), attr).detach()
+
+    mean, var = value(mean), value(var)
+    scale = torch.rsqrt(var + eps)
+    if w is not None:
+        scale = scale * value(w)
+    shift = -mean * scale
+    if b is not None:
+        shift = shift + value(b)
+    view = (-1,) + (1,) * (norm.meta["val"].dim() - 2)
+    graph = gm.graph
+    with graph.inserting_before(norm):
+        nodes = []
+        for kind, tensor in (("scale", scale), ("shift", shift)):
+            name = f"_bn_{kind}_{index}"
+            gm.register_buffer(name, tensor.reshape(view).clone())
+            node = graph.get_attr(name)
+            node.meta["val"] = getattr(gm, name)
+            nodes.append(node)
+        scaled = graph.call_function(torch.ops.aten.mul.Tensor, (x, nodes[0]))
+        shifted = graph.call_function(torch.ops.aten.add.Tensor, (scaled, nodes[1]))
+    for node in (scaled, shifted):
+        node.meta = {**norm.meta}
+    norm.replace_all_uses_with(shifted)
+    graph.erase_node(norm)
 
 
 def _fold_weight_quantization(gm: torch.fx.GraphModule) -> None:

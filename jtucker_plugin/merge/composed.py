@@ -39,6 +39,7 @@ torch.Size([1, 8, 4, 4])
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any
 
 import torch
@@ -85,6 +86,16 @@ def decode_positions(stored: Tensor) -> Tensor:
     if stored.dtype == torch.int16:
         return stored.to(torch.int64) + _INT16_OFFSET
     return stored.to(torch.int64)
+
+
+def _add_sparse(
+    flat: Tensor, positions: Tensor, values: Tensor, shape: tuple[int, ...], bias: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``flat`` (the flattened ``[weight, bias]``) plus ``values`` at ``positions``, as weight and bias."""
+    if values.numel():
+        flat = flat.index_add(0, positions, values.to(flat.dtype))
+    n = flat.numel() - (shape[0] if bias else 0)
+    return flat[:n].view(shape), (flat[n:] if bias else None)
 
 
 class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
@@ -266,14 +277,10 @@ class HybridLayer(ComposedLayer):
         return (*shared, self.delta_values, self.delta_indices)
 
     def compose(self) -> tuple[Tensor, Tensor | None]:
-        w = self.shared_weight
-        flat = w.reshape(-1)
+        flat = self.shared_weight.reshape(-1)
         if self.shared_bias is not None:
             flat = torch.cat([flat, self.shared_bias])
-        if self.nnz:
-            flat = flat.index_add(0, self.positions(), self.delta_values.to(flat.dtype))
-        weight = flat[: w.numel()].view(w.shape)
-        return weight, (flat[w.numel() :] if self.shared_bias is not None else None)
+        return _add_sparse(flat, self.positions(), self.delta_values, self.weight_shape, self.has_bias)
 
     def delta(self) -> Tensor:
         """The dense delta ``S_t`` over the flattened ``[weight, bias]`` (for inspection)."""
@@ -325,3 +332,44 @@ class HybridLayer(ComposedLayer):
 
     def extra_repr(self) -> str:
         return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
+
+
+class SparseDelta(ComposedLayer):
+    """A ``HybridLayer``'s delta ``S_t`` alone: its values at their positions, zeros elsewhere.
+
+    ``merge.branches`` runs it beside the shared layer (``W_shared x + S_t x``) so that a
+    quantizer sees the shared weight as one stored tensor; it recomposes per forward
+    (``materialize=False``), so exported graphs store only the values and positions.
+    """
+
+    def __init__(self, op: str, config: dict[str, Any], bias: bool, values: Tensor, indices: Tensor):
+        super().__init__(op, config, materialize=False)
+        self.bias_entries = self.weight_shape[0] if bias else 0
+        self.delta_values = nn.Parameter(values.detach().clone(), requires_grad=False)
+        self.register_buffer("delta_indices", indices.clone())
+
+    @classmethod
+    def of(cls, layer: HybridLayer) -> SparseDelta:
+        """The delta of ``layer``, on its device and dtype."""
+        delta = cls(
+            type(layer.op).__name__,
+            layers.layer_config(layer.op),
+            layer.has_bias,
+            layer.delta_values,
+            layer.delta_indices,
+        )
+        return delta.to(device=layer.shared_weight.device)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_entries > 0
+
+    def parts(self) -> tuple[Tensor, ...]:
+        return (self.delta_values, self.delta_indices)
+
+    def compose(self) -> tuple[Tensor, Tensor | None]:
+        numel = math.prod(self.weight_shape) + self.bias_entries
+        flat = self.delta_values.new_zeros(numel)
+        return _add_sparse(
+            flat, decode_positions(self.delta_indices), self.delta_values, self.weight_shape, self.has_bias
+        )

@@ -37,6 +37,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from jtucker_plugin import defaults
+from jtucker_plugin.merge.branches import BRANCHES, PRUNERS, from_branches, to_branches
 from jtucker_plugin.metrics import count_macs
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
@@ -263,21 +264,26 @@ def prune_bundle(
         )
     )
     example = tuple(torch.zeros(2, *bundle.info[t].input_shape) for t in bundle.tasks)
-    ignored = ignored_modules(bundle, ignored_layers)
-    options = {
-        "global_pruning": global_pruning,
-        "ignored_layers": ignored,
-        "round_to": round_to,
-        "max_pruning_ratio": max_pruning_ratio,
-        "root_module_types": list(_ROOT_TYPES),
-    }
-    prepare = (lambda: _accumulate_gradients(net, batches)) if needs_gradients(importance) else (lambda: None)
-
     macs_before, params_before = _bundle_macs(bundle), bundle.unique_parameters()
-    tracker = _Tracker(bundle, net)
+    # Hybrid layers are pruned as their shared layer (one object: coupled across tasks) plus
+    # each task's masked delta, task-mixed cores as their basis layers; from_branches rebuilds them.
+    to_branches(bundle.models, delta="masked")
     flags = [(m, m.training) for m in net.modules()]
-    net.eval()  # tracing and scoring must not move batch-norm statistics
     try:
+        ignored = ignored_modules(bundle, ignored_layers)
+        options = {
+            "global_pruning": global_pruning,
+            "ignored_layers": ignored,
+            "round_to": round_to,
+            "max_pruning_ratio": max_pruning_ratio,
+            "root_module_types": list(_ROOT_TYPES),
+            "customized_pruners": PRUNERS,
+        }
+        prepare = (
+            (lambda: _accumulate_gradients(net, batches)) if needs_gradients(importance) else (lambda: None)
+        )
+        tracker = _Tracker(bundle, net)
+        net.eval()  # tracing and scoring must not move batch-norm statistics
         net_before = _net_macs(net, example)
         if pruning_ratio is not None:
             pruner = tp.pruner.BasePruner(
@@ -304,6 +310,7 @@ def prune_bundle(
                     tracker.record(group)
                     group.prune()
     finally:
+        from_branches(bundle.models)
         for m, flag in flags:
             m.training = flag
         if needs_gradients(importance):
@@ -351,7 +358,9 @@ def _accumulate_gradients(net: BundleNet, batches: Sequence[Batch]) -> None:
 def _frozen_scores(
     net: BundleNet, example: tuple, imp: tp.importance.Importance, options: dict
 ) -> _FrozenImportance:
-    DG = tp.DependencyGraph().build_dependency(net, example, verbose=False)
+    DG = tp.DependencyGraph().build_dependency(
+        net, example, verbose=False, customized_pruners=options["customized_pruners"]
+    )
     scores = {}
     for group in DG.get_all_groups(ignored_layers=options["ignored_layers"], root_module_types=_ROOT_TYPES):
         score = imp(group)
@@ -405,7 +414,9 @@ def _net_macs(net: nn.Module, example: tuple) -> int:
         )
         total += output.numel() // output.shape[0] * per_output
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, _ROOT_TYPES)]
+    # A masked delta computes nothing of its own: its hybrid layer runs one dense weight.
+    counted = [m for m in net.modules() if isinstance(m, _ROOT_TYPES) and type(m) not in PRUNERS]
+    handles = [m.register_forward_hook(hook) for m in counted]
     try:
         net(*(x[:1] for x in example))
     finally:
@@ -426,8 +437,11 @@ class _Tracker:
         self.bundle = bundle
         self.where: dict[int, tuple[str, str]] = {}
         for task, model in bundle.models.items():
+            # A layer inside a composed layer's branches is recorded under the composed layer's name.
+            branches = [p + "." for p, m in model.named_modules() if isinstance(m, BRANCHES)]
             for path, module in model.named_modules():
-                self.where.setdefault(id(module), (task, path))
+                owner = next((b[:-1] for b in branches if path.startswith(b)), path)
+                self.where.setdefault(id(module), (task, owner))
         self.initial: dict[int, int] = {}
         self.kept: dict[int, list[int]] = {}
         self.tasks: dict[int, set[str]] = {}

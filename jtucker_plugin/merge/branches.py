@@ -1,0 +1,221 @@
+"""Hybrid layers as two branches, one shared layer plus a per-task delta, for tools that need plain layers.
+
+torch-pruning prunes the channels of ``nn.Conv2d`` / ``nn.Linear`` objects, and PT2E quantizes
+a conv's weight once only when it is a stored tensor, not one that ``HybridLayer`` composes per
+call. A layer is linear in its weight, so ``(W_shared + S_t) x = W_shared x + S_t x``: every
+task's ``HybridLayer`` is exactly a ``HybridBranches(shared, delta)``, where ``shared`` is ONE
+plain layer object in every task (tied, as hard sharing's layers are) and ``delta`` is the
+task's own:
+
+- ``delta="masked"`` (pruning): a dense layer of the same kind (``MaskedConv2d`` ...) holding
+  the delta's values at their positions and zeros elsewhere, with a boolean mask of the
+  positions that the pruners in ``PRUNERS`` cut along with the weight. ``from_branches`` turns
+  the pruned branches back into ``HybridLayer``\\ s: the same values at the positions that are
+  left, exactly (a stored value of 0 is kept too: the mask says what is stored).
+- ``delta="sparse"`` (quantization): a ``SparseDelta`` (values and positions, composed per
+  forward), so that only the shared layer is quantized and stored once; the deltas stay sparse
+  float.
+
+J-Tucker's task-mixed cores (``TaskMixLayer``, ``G_t = sum_r mix_t[r] B_r``) split the same
+way, into ``MixBranches``: one plain layer per shared basis core ``B_r`` (tied across tasks)
+and the task's mixing weights, ``sum_r mix_t[r] (B_r x)``.
+
+Examples
+--------
+>>> names = to_branches(models, delta="masked")     # doctest: +SKIP
+>>> ... torch-pruning with customized_pruners=PRUNERS ...
+>>> from_branches(models)                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from jtucker_plugin import layers
+from jtucker_plugin.decompose.shared_core import TaskMixLayer
+from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer, SparseDelta
+
+
+class HybridBranches(nn.Module):
+    """``shared(x) + delta(x)``: a ``HybridLayer`` split into its shared and its per-task part."""
+
+    def __init__(self, shared: nn.Module, delta: nn.Module, materialize: bool):
+        super().__init__()
+        self.shared = shared
+        self.delta = delta
+        self.materialize = materialize  # of the HybridLayer it came from, restored by from_branches
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shared(x) + self.delta(x)
+
+
+class MixBranches(nn.Module):
+    """``sum_r mix[r] * basis[r](x)``: a ``TaskMixLayer`` split into its shared basis layers."""
+
+    def __init__(self, basis: nn.ModuleList, mix: nn.Parameter, materialize: bool):
+        super().__init__()
+        self.basis = basis
+        self.mix = mix
+        self.materialize = materialize
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mix[0] * self.basis[0](x)
+        for r in range(1, len(self.basis)):
+            out = out + self.mix[r] * self.basis[r](x)
+        return out
+
+
+BRANCHES = (HybridBranches, MixBranches)
+"""What ``to_branches`` puts in place of a composed layer."""
+
+
+def _masked(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` with a ``weight_mask`` (and ``bias_mask``) buffer: a delta's stored positions."""
+    return type(
+        f"Masked{base.__name__}", (base,), {"__doc__": f"A dense {base.__name__} delta and its mask."}
+    )
+
+
+MaskedConv1d, MaskedConv2d, MaskedLinear = (_masked(b) for b in (nn.Conv1d, nn.Conv2d, nn.Linear))
+_MASKED = {"Conv1d": MaskedConv1d, "Conv2d": MaskedConv2d, "Linear": MaskedLinear}
+
+
+def _keep(size: int, idxs) -> list[int]:
+    gone = set(int(i) for i in idxs)
+    return [i for i in range(size) if i not in gone]
+
+
+def _mask_pruner(base: type[tp.pruner.function.BasePruningFunc]) -> tp.pruner.function.BasePruningFunc:
+    """torch-pruning's pruner for ``base``'s layers that cuts the masks with the weight."""
+
+    class MaskPruner(base):
+        def prune_out_channels(self, layer: nn.Module, idxs):
+            keep = _keep(layer.weight_mask.shape[0], idxs)
+            layer.weight_mask = layer.weight_mask[keep]
+            if getattr(layer, "bias_mask", None) is not None:
+                layer.bias_mask = layer.bias_mask[keep]
+            return super().prune_out_channels(layer, idxs)
+
+        def prune_in_channels(self, layer: nn.Module, idxs):
+            if getattr(layer, "groups", 1) != 1:
+                raise ValueError(f"{type(layer).__name__}: pruning a grouped conv's delta is not supported")
+            layer.weight_mask = layer.weight_mask[:, _keep(layer.weight_mask.shape[1], idxs)]
+            return super().prune_in_channels(layer, idxs)
+
+    return MaskPruner()
+
+
+PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {
+    MaskedConv1d: _mask_pruner(tp.pruner.function.ConvPruner),
+    MaskedConv2d: _mask_pruner(tp.pruner.function.ConvPruner),
+    MaskedLinear: _mask_pruner(tp.pruner.function.LinearPruner),
+}
+"""``customized_pruners`` for torch-pruning when the models hold ``delta="masked"`` branches."""
+
+
+def _masked_delta(layer: HybridLayer) -> nn.Module:
+    module = _MASKED[type(layer.op).__name__](**layer.op_config())
+    module = module.to(dtype=layer.shared_weight.dtype, device=layer.shared_weight.device)
+    n = layer.shared_weight.numel()
+    values = torch.zeros(layer.numel, dtype=module.weight.dtype, device=module.weight.device)
+    mask = torch.zeros(layer.numel, dtype=torch.bool, device=module.weight.device)
+    positions = layer.positions().to(values.device)
+    values[positions] = layer.delta_values.detach()
+    mask[positions] = True
+    with torch.no_grad():
+        module.weight.copy_(values[:n].view_as(module.weight))
+        if module.bias is not None:
+            module.bias.copy_(values[n:])
+    module.register_buffer("weight_mask", mask[:n].view_as(module.weight).clone())
+    module.register_buffer("bias_mask", mask[n:].clone() if module.bias is not None else None)
+    return module
+
+
+def _plain(layer: ComposedLayer, weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Module:
+    module = layers.build_layer(type(layer.op).__name__, layer.op_config())
+    module.weight = weight
+    if bias is not None:
+        module.bias = bias
+    return module
+
+
+def _shared_part(layer: ComposedLayer) -> nn.Module:
+    if isinstance(layer, HybridLayer):
+        return _plain(layer, layer.shared_weight, layer.shared_bias)
+    basis = layer.basis.detach()
+    return nn.ModuleList(_plain(layer, nn.Parameter(b.clone())) for b in basis)
+
+
+def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "sparse"]) -> list[str]:
+    """Replace every ``HybridLayer`` and ``TaskMixLayer`` of ``models`` in place by branches.
+
+    Layers that share a weight (a basis) get one shared layer object (list of layers). Returns
+    the paths (``"<task>.<layer>.delta"``) of the Hybrid delta branches.
+    """
+    if delta not in ("masked", "sparse"):
+        raise ValueError(f"delta: expected 'masked' or 'sparse', got {delta!r}")
+    shared: dict[int, nn.Module] = {}
+    paths = []
+    for task, model in models.items():
+        composed = [(n, m) for n, m in model.named_modules() if isinstance(m, HybridLayer | TaskMixLayer)]
+        for name, layer in composed:
+            key = id(layer.parts()[0])
+            if key not in shared:
+                shared[key] = _shared_part(layer)
+            if isinstance(layer, TaskMixLayer):
+                model.set_submodule(name, MixBranches(shared[key], layer.mix, layer.materialize))
+                continue
+            part = _masked_delta(layer) if delta == "masked" else SparseDelta.of(layer)
+            model.set_submodule(name, HybridBranches(shared[key], part, layer.materialize))
+            paths.append(f"{task}.{name}.delta")
+    return paths
+
+
+def from_branches(models: Mapping[str, nn.Module]) -> None:
+    """Turn the branches of ``to_branches(..., delta="masked")`` back into composed layers, in place.
+
+    The shared weight (one ``nn.Parameter``, as before) is the shared layer's, a basis the
+    stacked basis layers' weights; each delta keeps the values at the positions its mask still
+    holds.
+    """
+    made: dict[int, tuple[nn.Parameter, nn.Parameter | None]] = {}
+    for model in models.values():
+        for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, MixBranches)]:
+            first = branches.basis[0]
+            if id(first) not in made:
+                made[id(first)] = (
+                    nn.Parameter(torch.stack([b.weight.detach() for b in branches.basis])),
+                    None,
+                )
+            layer = TaskMixLayer(
+                type(first).__name__, layers.layer_config(first), len(branches.basis), branches.materialize
+            ).to(dtype=first.weight.dtype, device=first.weight.device)
+            layer.basis, layer.mix = made[id(first)][0], branches.mix
+            model.set_submodule(name, layer.train(branches.training))
+        for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, HybridBranches)]:
+            shared, part = branches.shared, branches.delta
+            op = type(shared).__name__
+            bias = shared.bias is not None
+            mask = part.weight_mask.reshape(-1)
+            values = part.weight.detach().reshape(-1)
+            if bias:
+                mask = torch.cat([mask, part.bias_mask])
+                values = torch.cat([values, part.bias.detach()])
+            positions = mask.nonzero().reshape(-1)
+            layer = HybridLayer(
+                op,
+                layers.layer_config(shared),
+                bias=bias,
+                nnz=positions.numel(),
+                materialize=branches.materialize,
+            ).to(dtype=shared.weight.dtype, device=shared.weight.device)
+            if id(shared) not in made:
+                made[id(shared)] = (shared.weight, shared.bias)
+            layer.shared_weight, layer.shared_bias = made[id(shared)]
+            layer.set_delta(positions, values[positions])
+            model.set_submodule(name, layer.train(branches.training))
