@@ -1,8 +1,10 @@
-"""Sharing methods compared on the three-task ResNet-20 scenario: compression at <= 1 pp drop.
+"""Sharing methods compared on the three-task scenarios: compression at <= 1 pp drop.
 
-Scenario (``recipes/cifar10-split-resnet20.yaml`` at benchmark sizes): vehicles (4 CIFAR-10
-classes), animals (the other 6) and Fashion-MNIST (32 x 32, 3 channels), each a ResNet-20
-fine-tuned per task from the pretrained CIFAR-10 weights.
+Tasks (``recipes/cifar10-split-resnet20.yaml`` at benchmark sizes): vehicles (4 CIFAR-10
+classes), animals (the other 6) and Fashion-MNIST (32 x 32, 3 channels). Scenarios (those of
+``benchmarks/joint_vs_individual.py``): ``resnet20``, each task a ResNet-20 fine-tuned from the
+pretrained CIFAR-10 weights; ``vgg``, a VGG-16-BN at width 0.25 first trained on CIFAR-10 here
+(no pretrained VGG weights on disk; cached in ``--work-dir``), then fine-tuned per task.
 
 Protocol, the one of ``benchmarks/joint_vs_individual.py``, the same training for every method:
 
@@ -18,7 +20,7 @@ Protocol, the one of ``benchmarks/joint_vs_individual.py``, the same training fo
 
 Methods: ``tucker`` (each task alone), ``jtucker`` (J-Tucker, a core per task), both at a budget
 fraction of the decomposed layers' dense parameters; ``share`` (hard sharing, ``merge.share``; all
-layers, then also layer1-2 and layer3.0 per task for points below 2.95x);
+layers, then the scenario's ``share_variants``: more layers per task, for milder points);
 ``hybrid`` (shared weight + sparse deltas, at densities); ``jtucker_sparse`` (J-Tucker, cores
 = shared core + sparse deltas at ``Settings.core_density``) and ``jtucker_taskrank`` (J-Tucker,
 task-mode rank ``Settings.task_rank``), both with ranks from the budget strategy at a fraction counted
@@ -43,10 +45,11 @@ jtucker_taskrank) at least 2x hard sharing's ratio, checked on both ``best`` and
 and at least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
-``sharing-resnet20[-quick]-pt<torch>-cpu``: ``.csv`` (one row per point), ``.json`` (summary,
+``sharing-<scenario>[-quick]-pt<torch>-cpu``: ``.csv`` (one row per point), ``.json`` (summary,
 environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8 bytes).
 
-Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--quick] [--threads 1]``.
+Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--scenario vgg] [--quick]
+[--finetune-epochs N] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -69,9 +72,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from joint_vs_individual import (  # noqa: E402  (same folder: run as a script)
+    CIFAR,
+    SCENARIOS,
+    Scenario,
     accuracies,
+    base_bundle,
     fmt,
     log,
+    pretrain_vgg,
     ratio_at_drop,
     task_specs,
     write,
@@ -84,15 +92,10 @@ from jtucker_plugin.decompose.ranks import Budget, BudgetConfig, select_ranks  #
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores  # noqa: E402
 from jtucker_plugin.merge.hybrid import hybridize, train_hybrid  # noqa: E402
 from jtucker_plugin.merge.share import hard_share  # noqa: E402
-from jtucker_plugin.metrics import count_parameters  # noqa: E402
-from jtucker_plugin.models import create_model  # noqa: E402
-from jtucker_plugin.multitask import Bundle, TaskInfo  # noqa: E402
+from jtucker_plugin.multitask import Bundle  # noqa: E402
 from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
 from jtucker_plugin.train import FitConfig, evaluate, fit  # noqa: E402
 
-CIFAR = "cifar10-jpeg-imagefolder.tar.gz"
-WEIGHTS = "weights/resnet20-12fca82f.th"
-KEEP_PER_TASK = ["conv1"]
 LIMIT_PP = 1.0
 OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank")
 INT8_TARGET = 20.0
@@ -116,11 +119,15 @@ class Settings:
     # counted with per-task cores; shared cores store ~1/2 (task_rank 2) to ~1/3 (sparse) of it
     shared_core_budgets: tuple[float, ...] = (0.8, 0.6, 0.45, 0.3)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
-    # hard sharing: more layers per task (beside conv1) for points below its full 2.95x
-    share_keeps: tuple[str, ...] = ("", "layer1 layer2", "layer1 layer2 layer3.0")
+    # hard sharing: how many of the scenario's share_variants (more layers per task)
+    share_points: int = 3
     core_density: float = 0.05
     task_rank: int = 2
     l1: float = 1e-4
+    # vgg scenario: its CIFAR-10 backbone (joint_vs_individual's, so the cache is shared)
+    vgg_width: float = 0.25
+    pretrain_per_class: int = 1000
+    pretrain_epochs: int = 15
     seed: int = 0
 
 
@@ -132,22 +139,10 @@ QUICK = Settings(
     budgets=(0.4,),
     shared_core_budgets=(0.5,),
     densities=(0.05,),
-    share_keeps=("",),
+    share_points=1,
+    pretrain_per_class=100,
+    pretrain_epochs=2,
 )
-
-
-def base_bundle(data: dict[str, TaskData], weights: Path, seed: int) -> Bundle:
-    models, info = {}, {}
-    for task, d in data.items():
-        model = create_model("resnet20", d.num_classes, weights=weights, seed=seed)
-        models[task] = model
-        info[task] = TaskInfo(
-            arch="resnet20",
-            num_classes=d.num_classes,
-            input_shape=d.input_shape,
-            dense_parameters=count_parameters(model),
-        )
-    return Bundle(models, info)
 
 
 def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -184,42 +179,42 @@ def _decompose(bundle: Bundle, fraction: float, *, joint: bool) -> list[str]:
     return [name for name, row in rows.items() if "kept_dense" not in row]
 
 
-# Each method: compress(bundle, setting, settings) in place; the recovery fine-tune follows.
-def tucker(bundle: Bundle, fraction: float, s: Settings) -> None:
+# Each method: compress(bundle, setting, settings, scenario) in place; the recovery fine-tune follows.
+def tucker(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
     _decompose(bundle, fraction, joint=False)
 
 
-def jtucker(bundle: Bundle, fraction: float, s: Settings) -> None:
+def jtucker(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
     _decompose(bundle, fraction, joint=True)
 
 
-def share(bundle: Bundle, keep: str, s: Settings) -> None:
-    hard_share(bundle, init="mean", keep_per_task=KEEP_PER_TASK + keep.split())
+def share(bundle: Bundle, keep: str, s: Settings, scenario: Scenario) -> None:
+    hard_share(bundle, init="mean", keep_per_task=[*scenario.keep_per_task, *keep.split()])
 
 
-def hybrid(bundle: Bundle, density: float, s: Settings) -> None:
+def hybrid(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> None:
     # Start at 4x the target: the recovery fine-tune (train_hybrid) shrinks the deltas to it.
-    hybridize(bundle, density=min(1.0, 4 * density), keep_per_task=KEEP_PER_TASK)
+    hybridize(bundle, density=min(1.0, 4 * density), keep_per_task=scenario.keep_per_task)
 
 
-def jtucker_sparse(bundle: Bundle, fraction: float, s: Settings) -> None:
+def jtucker_sparse(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
     names = _decompose(bundle, fraction, joint=True)
     share_cores(bundle, names, CoreSharing("shared_sparse", core_density=s.core_density))
 
 
-def jtucker_taskrank(bundle: Bundle, fraction: float, s: Settings) -> None:
+def jtucker_taskrank(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
     names = _decompose(bundle, fraction, joint=True)
     share_cores(bundle, names, CoreSharing("task_rank", task_rank=s.task_rank))
 
 
-METHODS: dict[str, tuple[Callable, str]] = {
-    # name: (compress, the Settings field with its sweep)
-    "tucker": (tucker, "budgets"),
-    "jtucker": (jtucker, "budgets"),
-    "share": (share, "share_keeps"),
-    "hybrid": (hybrid, "densities"),
-    "jtucker_sparse": (jtucker_sparse, "shared_core_budgets"),
-    "jtucker_taskrank": (jtucker_taskrank, "shared_core_budgets"),
+METHODS: dict[str, tuple[Callable, Callable[[Settings, Scenario], tuple]]] = {
+    # name: (compress, its sweep)
+    "tucker": (tucker, lambda s, _: s.budgets),
+    "jtucker": (jtucker, lambda s, _: s.budgets),
+    "share": (share, lambda s, sc: tuple(" ".join(v) for v in sc.share_variants[: s.share_points])),
+    "hybrid": (hybrid, lambda s, _: s.densities),
+    "jtucker_sparse": (jtucker_sparse, lambda s, _: s.shared_core_budgets),
+    "jtucker_taskrank": (jtucker_taskrank, lambda s, _: s.shared_core_budgets),
 }
 
 
@@ -275,7 +270,8 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     version = torch.__version__.split("+")[0]
-    tag = f"sharing-resnet20{'-quick' if args.quick else ''}-pt{version}-cpu"
+    scenario = SCENARIOS[args.scenario]
+    tag = f"sharing-{args.scenario}{'-quick' if args.quick else ''}-pt{version}-cpu"
     log(f"{tag}: {s}, threads {args.threads}")
 
     data_dir = args.data_dir.resolve()
@@ -284,7 +280,11 @@ def run(args: argparse.Namespace) -> None:
         for t, spec in task_specs(s).items()
     }
     log("data: " + ", ".join(f"{t} {len(d.train)} train / {len(d.test)} test" for t, d in data.items()))
-    base = base_bundle(data, data_dir / WEIGHTS, s.seed)
+    if scenario.weights is not None:
+        weights = data_dir / scenario.weights
+    else:
+        weights = pretrain_vgg(scenario, s, data_dir, args.work_dir)
+    base = base_bundle(scenario, s, data, weights)
     t0 = time.perf_counter()
     fit(
         base.models, data, FitConfig(epochs=s.base_epochs, lr=s.base_lr, batch_size=s.batch_size), seed=s.seed
@@ -342,10 +342,10 @@ def run(args: argparse.Namespace) -> None:
     record("dense", None, dense, ref, time.perf_counter() - t0)
     for method in methods:
         compress, sweep = METHODS[method]
-        for setting in getattr(s, sweep):
+        for setting in sweep(s, scenario):
             t0 = time.perf_counter()
             bundle = copy.deepcopy(base)
-            compress(bundle, setting, s)
+            compress(bundle, setting, s, scenario)
             recover(method, setting, bundle, data, recovery, s)
             record(method, setting, bundle, accuracies(bundle, data), time.perf_counter() - t0)
 
@@ -358,6 +358,7 @@ def run(args: argparse.Namespace) -> None:
 def environment(args: argparse.Namespace, s: Settings, started: float) -> dict[str, Any]:
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "scenario": args.scenario,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, shared",
         "torch_threads": args.threads,
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("JTUCKER_DATA", shared)))
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="resnet20")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of minutes")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
     for name in _OVERRIDES:

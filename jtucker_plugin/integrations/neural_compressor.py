@@ -490,8 +490,10 @@ def quantize_tasks(
       per tensor), calibrated with each task's own batches in one pass, converted; the weight
       quantize ops are then folded into int8 constants (INC 3.10 leaves them float) and the
       graph is split into one graph per task, the shared int8 weights being one tensor.
-      Batch norms fold into the conv before them, so a shared factor followed by a batch norm
-      (J-Tucker's ``out_proj``) becomes one int8 weight per task; ``in_proj`` stays shared.
+      Batch norms fold into the conv before them, except after a weight that several tasks
+      share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
+      the weight stays one int8 tensor. Hybrid and task-mixed layers run as branches
+      (``merge.branches``): the shared layer in int8 once, Hybrid's sparse deltas in float.
     - ``int8_dynamic``: the same with INC's default dynamic config (no calibration).
     - ``weight_only_rtn``: INC's RTN on the ``nn.Linear`` layers (the only ones INC's weight-only
       algorithms touch): ``bits``-bit weights in groups of ``group_size`` (-1: per channel).
@@ -549,9 +551,8 @@ def quantize_tasks(
 
     graph = export(multi, example_inputs=examples, dynamic_shapes=dynamic)
     _unfold_shared_batch_norms(graph)
+    _keep_float(graph, deltas)
     config = get_default_static_config() if scheme == "int8_static" else get_default_dynamic_config()
-    for path in deltas:
-        config.set_local(path, type(config)(w_dtype="fp32", act_dtype="fp32"))
     prepared = prepare(graph, config)
     # Weight observers record their ranges in a forward pass, dynamic quantization too.
     batches = {t: list((calibration or {}).get(t) or [examples[i]]) for i, t in enumerate(tasks)}
@@ -570,6 +571,23 @@ def _shared_paths(model: nn.Module) -> list[list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
     return [p for p in paths.values() if len(p) > 1]
+
+
+def _keep_float(gm: torch.fx.GraphModule, paths: Sequence[str]) -> None:
+    """Mark the nodes computed inside the modules ``paths`` as annotated, with nothing to quantize.
+
+    The quantizer then leaves them float (it skips annotated nodes): the sparse deltas of
+    Hybrid layers, whose composed weight would otherwise be folded into a dense int8 copy per
+    task. One pass over the graph; a ``set_local`` per module would re-run the whole annotation
+    once per module (minutes for a ResNet-20 bundle).
+    """
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    inside = set(paths)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op == "call_function" and any(path in inside for path, _ in stack.values()):
+            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
 
 
 def _unfold_shared_batch_norms(gm: torch.fx.GraphModule) -> None:
