@@ -23,9 +23,10 @@ fraction of the decomposed layers' dense parameters; ``share`` (hard sharing, ``
 layers, then the scenario's ``share_variants``: more layers per task, for milder points);
 ``hybrid`` (shared weight + sparse deltas, at densities); ``jtucker_sparse`` (J-Tucker, cores
 = shared core + sparse deltas at ``Settings.core_density``) and ``jtucker_taskrank`` (J-Tucker,
-task-mode rank ``Settings.task_rank``), both with ranks from the budget strategy at a fraction counted
-with per-task cores (the shared cores then store less). The first conv (too small to gain),
-batch norm and heads stay per task everywhere.
+task-mode rank ``Settings.task_rank``), both with ranks from the budget strategy at a fraction
+of the decomposed layers' dense parameters (all tasks) counted with the cores as they are stored
+(``CoreSharing.core_copies``: a shared core plus its deltas, or the basis cores). The first
+conv (too small to gain), batch norm and heads stay per task everywhere.
 
 Compression ratio: in parameters (the tasks' dense parameters over the bundle's unique ones;
 a sparse delta counts its values), and in bytes (the tensor data of the separate dense models
@@ -116,8 +117,8 @@ class Settings:
     batch_size: int = 64
     # Points around the 1 pp frontier of this short recovery: milder budgets lost 20-30 pp.
     budgets: tuple[float, ...] = (0.8, 0.6, 0.4)  # tucker, jtucker
-    # counted with per-task cores; shared cores store ~1/2 (task_rank 2) to ~1/3 (sparse) of it
-    shared_core_budgets: tuple[float, ...] = (0.8, 0.6, 0.45, 0.3)
+    # counted with the cores as stored: 1/3 stores about what hard sharing does
+    shared_core_budgets: tuple[float, ...] = (0.35, 0.25, 0.18, 0.12)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
     # hard sharing: how many of the scenario's share_variants (more layers per task)
     share_points: int = 3
@@ -137,7 +138,7 @@ QUICK = Settings(
     base_epochs=1,
     finetune_epochs=1,
     budgets=(0.4,),
-    shared_core_budgets=(0.5,),
+    shared_core_budgets=(0.2,),
     densities=(0.05,),
     share_points=1,
     pretrain_per_class=100,
@@ -168,13 +169,16 @@ def _budget(fraction: float) -> Callable:
     return lambda infos, _evaluate: select_ranks(config, infos)
 
 
-def _decompose(bundle: Bundle, fraction: float, *, joint: bool) -> list[str]:
+def _decompose(
+    bundle: Bundle, fraction: float, *, joint: bool, sharing: CoreSharing | None = None
+) -> list[str]:
     rows = decompose_bundle(
         bundle,
         _budget(fraction),
         joint=joint,
         min_params=defaults.DECOMPOSE_MIN_PARAMS,
         stage="jtucker" if joint else "tucker",
+        core_copies=sharing.core_copies(len(bundle.tasks)) if sharing else None,
     )["layers"]
     return [name for name, row in rows.items() if "kept_dense" not in row]
 
@@ -198,13 +202,13 @@ def hybrid(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> N
 
 
 def jtucker_sparse(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
-    names = _decompose(bundle, fraction, joint=True)
-    share_cores(bundle, names, CoreSharing("shared_sparse", core_density=s.core_density))
+    sharing = CoreSharing("shared_sparse", core_density=s.core_density)
+    share_cores(bundle, _decompose(bundle, fraction, joint=True, sharing=sharing), sharing)
 
 
 def jtucker_taskrank(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
-    names = _decompose(bundle, fraction, joint=True)
-    share_cores(bundle, names, CoreSharing("task_rank", task_rank=s.task_rank))
+    sharing = CoreSharing("task_rank", task_rank=s.task_rank)
+    share_cores(bundle, _decompose(bundle, fraction, joint=True, sharing=sharing), sharing)
 
 
 METHODS: dict[str, tuple[Callable, Callable[[Settings, Scenario], tuple]]] = {

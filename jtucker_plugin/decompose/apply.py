@@ -118,9 +118,13 @@ def stacked_weight(models: Sequence[nn.Module], name: str) -> torch.Tensor:
 
 
 def layer_infos(
-    models: dict[str, nn.Module], names: Sequence[str], input_shape: Sequence[int]
+    models: dict[str, nn.Module],
+    names: Sequence[str],
+    input_shape: Sequence[int],
+    core_copies: float | None = None,
 ) -> list[LayerInfo]:
-    """What rank strategies need of each layer: shapes, joint spectra, spatial sizes."""
+    """What rank strategies need of each layer: shapes, joint spectra, spatial sizes, and what
+    its cores cost (``LayerInfo.core_copies``)."""
     ref = next(iter(models.values()))
     sizes = _spatial_sizes(ref, names, input_shape)
     infos = []
@@ -140,6 +144,7 @@ def layer_infos(
                 eig_in=eig_in,
                 out_hw=out_hw,
                 in_hw=in_hw,
+                core_copies=core_copies,
             )
         )
     return infos
@@ -210,6 +215,7 @@ def decompose_bundle(
     evaluate: Callable[[Bundle], float] | None = None,
     n_iter_max: int | None = None,
     tol: float | None = None,
+    core_copies: float | None = None,
     stage: str = "jtucker",
 ) -> dict[str, Any]:
     """Decompose a bundle in place, jointly (one set of factors for all tasks) or per task.
@@ -222,6 +228,9 @@ def decompose_bundle(
         bundle at those ranks and returns ``evaluate(copy)``: the fitness of a rank search.
     joint
         J-Tucker when true; each task alone (T = 1 per layer) when false.
+    core_copies
+        What each joint layer's cores will cost once stored (``LayerInfo.core_copies``): the
+        cores are shared afterwards (``decompose.shared_core``).
 
     Returns
     -------
@@ -245,7 +254,7 @@ def decompose_bundle(
     rows: dict[str, Any] = {}
     for group in groups:
         models = {t: bundle.models[t] for t in group}
-        infos = layer_infos(models, layers, bundle.info[group[0]].input_shape)
+        infos = layer_infos(models, layers, bundle.info[group[0]].input_shape, core_copies if joint else None)
 
         def evaluate_ranks(ranks: Ranks, models=models, infos=infos) -> float:
             trial = copy.deepcopy(bundle)

@@ -76,6 +76,10 @@ class LayerInfo:
         become zero.
     out_hw, in_hw
         Output and input spatial sizes, for MACs (the first 1x1 conv runs at input resolution).
+    core_copies
+        What the cores cost, in cores: ``None`` for one core per task (``n_tasks``), fewer when
+        the cores are stored shared (``decompose.shared_core.CoreSharing.core_copies``), so that
+        a parameter budget spends what sharing saves on higher ranks.
 
     Examples
     --------
@@ -93,8 +97,14 @@ class LayerInfo:
     eig_in: Tensor
     out_hw: tuple[int, int] = (1, 1)
     in_hw: tuple[int, int] = (1, 1)
+    core_copies: float | None = None
 
     def __post_init__(self) -> None:
+        copies = self.core_copies
+        if copies is not None and (
+            isinstance(copies, bool) or not isinstance(copies, int | float) or copies <= 0
+        ):
+            raise ValueError(f"LayerInfo {self.name!r}: core_copies must be a number > 0, got {copies!r}")
         for key in ("out_channels", "in_channels", "n_tasks"):
             _check_positive_int(getattr(self, key), f"LayerInfo {self.name!r}: {key}")
         for key in ("kernel_size", "out_hw", "in_hw"):
@@ -160,9 +170,10 @@ def _check_ranks(layer: LayerInfo, ranks: Sequence[int]) -> tuple[int, int]:
     return int(ranks[0]), int(ranks[1])
 
 
-def _params(layer: LayerInfo, r1: int, r2: int) -> int:
+def _params(layer: LayerInfo, r1: int, r2: int) -> float:
     s, c = layer.out_channels, layer.in_channels
-    return s * r1 + c * r2 + layer.n_tasks * r1 * r2 * _taps(layer)
+    copies = layer.n_tasks if layer.core_copies is None else layer.core_copies
+    return s * r1 + c * r2 + copies * r1 * r2 * _taps(layer)
 
 
 def _macs(layer: LayerInfo, r1: int, r2: int) -> int:
@@ -177,10 +188,10 @@ def _macs(layer: LayerInfo, r1: int, r2: int) -> int:
 def tucker_params(layer: LayerInfo, ranks: Sequence[int]) -> int:
     """Parameters of the joint Tucker layer for all tasks: ``S*R1 + C*R2 + T*R1*R2*kh*kw``.
 
-    The factors are stored once and a core per task; biases are not counted (nor are they in
-    :attr:`LayerInfo.dense_params`).
+    The factors are stored once and a core per task (``T`` is ``layer.core_copies`` when the
+    cores are shared); biases are not counted (nor are they in :attr:`LayerInfo.dense_params`).
     """
-    return _params(layer, *_check_ranks(layer, ranks))
+    return round(_params(layer, *_check_ranks(layer, ranks)))
 
 
 def tucker_macs(layer: LayerInfo, ranks: Sequence[int]) -> int:

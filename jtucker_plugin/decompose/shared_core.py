@@ -82,6 +82,20 @@ class CoreSharing:
         elif self.task_rank is not None:
             raise ValueError(f"task_rank: only for cores: task_rank, got cores: {self.cores}")
 
+    def core_copies(self, n_tasks: int) -> float | None:
+        """What the cores of a layer cost, in dense cores, for rank strategies' budgets.
+
+        ``None`` (one per task) for ``per_task``; ``1 + n_tasks * core_density`` for
+        ``shared_sparse`` (the delta values; with ``core_budget``, 1: the budget's non-zeros
+        are a cost of their own, not the ranks'); ``task_rank`` basis cores for ``task_rank``
+        (the per-task mixing weights are negligible).
+        """
+        if self.cores == "shared_sparse":
+            return 1.0 + n_tasks * (self.core_density or 0.0)
+        if self.cores == "task_rank":
+            return float(self.task_rank)
+        return None
+
     def check_tasks(self, n_tasks: int) -> None:
         """Raise a ``ValueError`` naming ``task_rank`` if it is above the ``n_tasks`` tasks."""
         if self.cores == "task_rank" and self.task_rank > n_tasks:

@@ -67,7 +67,13 @@ def _calibration_accuracy(ctx: StageContext, samples: int):
 
 
 def _decompose(
-    bundle: Bundle, config: TuckerStageConfig, ctx: StageContext, *, joint: bool, stage: str
+    bundle: Bundle,
+    config: TuckerStageConfig,
+    ctx: StageContext,
+    *,
+    joint: bool,
+    stage: str,
+    core_copies: float | None = None,
 ) -> StageResult:
     def select(infos, evaluate_ranks):
         return select_ranks(config.ranks, infos, evaluate=evaluate_ranks, seed=ctx.seed)
@@ -83,6 +89,7 @@ def _decompose(
         evaluate=_calibration_accuracy(ctx, config.calibration_samples),
         n_iter_max=config.n_iter_max,
         tol=config.tol,
+        core_copies=core_copies,
         stage=stage,
     )
     ctx.log(
@@ -115,12 +122,15 @@ class JTuckerStageConfig(TuckerStageConfig):
 @register_stage("jtucker", config=JTuckerStageConfig)
 def jtucker(bundle: Bundle, config: JTuckerStageConfig, ctx: StageContext) -> StageResult:
     """J-Tucker: shared factor matrices for all tasks, a core per task, ranks chosen jointly."""
-    config.core_sharing().check_tasks(len(bundle.tasks))
-    result = _decompose(bundle, config, ctx, joint=True, stage="jtucker")
+    sharing = config.core_sharing()
+    sharing.check_tasks(len(bundle.tasks))
+    # Ranks are chosen for the cores as they will be stored: a budget spends what sharing saves.
+    copies = sharing.core_copies(len(bundle.tasks))
+    result = _decompose(bundle, config, ctx, joint=True, stage="jtucker", core_copies=copies)
     if config.cores != "per_task":
         rows = result.metrics["jtucker"]["layers"]
         names = [name for name, row in rows.items() if "kept_dense" not in row]
-        result.metrics["jtucker"]["cores"] = share_cores(bundle, names, config.core_sharing())
+        result.metrics["jtucker"]["cores"] = share_cores(bundle, names, sharing)
         result.metrics["bundle"]["unique_parameters"] = bundle.unique_parameters()
     return result
 

@@ -135,6 +135,20 @@ def test_costs_by_hand():
         tucker_macs(layer, (0, 2))
 
 
+def test_shared_cores_cost_their_stored_copies_and_a_budget_buys_higher_ranks():
+    spectrum = torch.linspace(1.0, 0.1, 16)
+    per_task = LayerInfo("conv", 16, 16, (3, 3), 3, spectrum, spectrum)
+    shared = LayerInfo("conv", 16, 16, (3, 3), 3, spectrum, spectrum, core_copies=1.15)
+    assert tucker_params(per_task, (8, 8)) == 16 * 8 * 2 + 3 * 64 * 9
+    assert tucker_params(shared, (8, 8)) == round(16 * 8 * 2 + 1.15 * 64 * 9)
+    low = allocate_budget([per_task], 0.3, cost="params")["conv"]
+    high = allocate_budget([shared], 0.3, cost="params")["conv"]
+    assert high[0] * high[1] > low[0] * low[1]
+    assert tucker_params(shared, high) <= 0.3 * shared.dense_params
+    with pytest.raises(ValueError, match="core_copies must be a number > 0, got 0"):
+        LayerInfo("conv", 16, 16, (3, 3), 3, spectrum, spectrum, core_copies=0)
+
+
 def test_layer_info_validates_spectra():
     # Rounding noise from eigh below zero is tolerated and clamped.
     layer = LayerInfo("fc", 3, 2, (1, 1), 1, [2.0, 1.0, -1e-9], np.array([1.0, 0.5]))

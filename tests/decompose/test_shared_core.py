@@ -184,6 +184,23 @@ def test_jtucker_stage_with_shared_cores_in_a_recipe(tiny_recipe, tmp_path):
     assert report.bundle["unique_parameters"] == bundle.unique_parameters()
     assert metrics["cores"]["unique_parameters"]["after"] == bundle.unique_parameters()
 
+    # A params budget counts the cores as stored: one basis core here, so the decomposed
+    # layers end up near the budget's share of their dense parameters, at higher ranks.
+    budget = {"ranks": {"strategy": "budget", "budget": {"params": 0.4}}, "min_params": 100}
+    for cores in ({}, {"cores": "task_rank", "task_rank": 1}):
+        path = tiny_recipe([{"jtucker": {**budget, **cores}}], tasks=tasks, train_per_class=20)
+        run_recipe(load_recipe(path), quiet=True, force=True)
+        result = json.loads((checkpoint / "result.json").read_text())["metrics"]["jtucker"]
+        rows = [row for row in result["layers"].values() if "kept_dense" not in row]
+        dense = sum(row["params_before"] for row in rows)
+        stored = result["cores"]["unique_parameters"] if cores else None
+        ranks = sum(row["ranks"][0] * row["ranks"][1] for row in rows)
+        if not cores:
+            per_task_ranks = ranks
+            assert sum(row["params_after"] for row in rows) <= 0.4 * dense
+        else:
+            assert ranks > per_task_ranks and stored["after"] < stored["before"]
+
     jtucker["task_rank"] = 4
     path = tiny_recipe(stages, tasks=tasks, train_per_class=20)
     with pytest.raises(ValueError, match=r"task_rank: 4 is above the number of tasks \(3\)"):
