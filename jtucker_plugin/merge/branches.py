@@ -1,4 +1,4 @@
-"""Hybrid layers as two branches, one shared layer plus a per-task delta, for tools that need plain layers.
+"""Composed layers as branches, shared plain layers plus per-task parts, for tools that need plain layers.
 
 torch-pruning prunes the channels of ``nn.Conv2d`` / ``nn.Linear`` objects, and PT2E quantizes
 a conv's weight once only when it is a stored tensor, not one that ``HybridLayer`` composes per
@@ -30,7 +30,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
@@ -181,41 +181,42 @@ def from_branches(models: Mapping[str, nn.Module]) -> None:
 
     The shared weight (one ``nn.Parameter``, as before) is the shared layer's, a basis the
     stacked basis layers' weights; each delta keeps the values at the positions its mask still
-    holds.
+    holds. Each rebuilt layer is in its branches' train/eval mode.
     """
-    made: dict[int, tuple[nn.Parameter, nn.Parameter | None]] = {}
+    made: dict[int, Any] = {}  # shared layer -> its rebuilt shared parameter(s), made once
     for model in models.values():
-        for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, MixBranches)]:
-            first = branches.basis[0]
-            if id(first) not in made:
-                made[id(first)] = (
-                    nn.Parameter(torch.stack([b.weight.detach() for b in branches.basis])),
-                    None,
-                )
-            layer = TaskMixLayer(
-                type(first).__name__, layers.layer_config(first), len(branches.basis), branches.materialize
-            ).to(dtype=first.weight.dtype, device=first.weight.device)
-            layer.basis, layer.mix = made[id(first)][0], branches.mix
-            model.set_submodule(name, layer.train(branches.training))
-        for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, HybridBranches)]:
-            shared, part = branches.shared, branches.delta
-            op = type(shared).__name__
-            bias = shared.bias is not None
-            mask = part.weight_mask.reshape(-1)
-            values = part.weight.detach().reshape(-1)
-            if bias:
-                mask = torch.cat([mask, part.bias_mask])
-                values = torch.cat([values, part.bias.detach()])
-            positions = mask.nonzero().reshape(-1)
-            layer = HybridLayer(
-                op,
-                layers.layer_config(shared),
-                bias=bias,
-                nnz=positions.numel(),
-                materialize=branches.materialize,
-            ).to(dtype=shared.weight.dtype, device=shared.weight.device)
-            if id(shared) not in made:
-                made[id(shared)] = (shared.weight, shared.bias)
-            layer.shared_weight, layer.shared_bias = made[id(shared)]
-            layer.set_delta(positions, values[positions])
-            model.set_submodule(name, layer.train(branches.training))
+        for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, BRANCHES)]:
+            rebuild = _hybrid_layer if isinstance(branches, HybridBranches) else _mix_layer
+            model.set_submodule(name, rebuild(branches, made).train(branches.training))
+
+
+def _hybrid_layer(branches: HybridBranches, made: dict[int, Any]) -> HybridLayer:
+    shared, part = branches.shared, branches.delta
+    mask = part.weight_mask.reshape(-1)
+    values = part.weight.detach().reshape(-1)
+    if shared.bias is not None:
+        mask = torch.cat([mask, part.bias_mask])
+        values = torch.cat([values, part.bias.detach()])
+    positions = mask.nonzero().reshape(-1)
+    layer = HybridLayer(
+        type(shared).__name__,
+        layers.layer_config(shared),
+        bias=shared.bias is not None,
+        nnz=positions.numel(),
+        materialize=branches.materialize,
+    ).to(dtype=shared.weight.dtype, device=shared.weight.device)
+    made.setdefault(id(shared), (shared.weight, shared.bias))
+    layer.shared_weight, layer.shared_bias = made[id(shared)]
+    layer.set_delta(positions, values[positions])
+    return layer
+
+
+def _mix_layer(branches: MixBranches, made: dict[int, Any]) -> TaskMixLayer:
+    first = branches.basis[0]
+    if id(first) not in made:
+        made[id(first)] = nn.Parameter(torch.stack([b.weight.detach() for b in branches.basis]))
+    layer = TaskMixLayer(
+        type(first).__name__, layers.layer_config(first), len(branches.basis), branches.materialize
+    ).to(dtype=first.weight.dtype, device=first.weight.device)
+    layer.basis, layer.mix = made[id(first)], branches.mix
+    return layer
