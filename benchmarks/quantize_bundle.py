@@ -127,7 +127,7 @@ def quantized_forms(
     bundles: dict[str, Bundle], data: dict[str, TaskData], seed: int, batches: int, work: Path
 ) -> dict[str, dict[str, Any]]:
     """The four forms: task models, tensor and disk bytes, bytes shared by several tasks."""
-    from jtucker_plugin.integrations.neural_compressor import quantize_tasks  # imports INC: seconds
+    from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
     forms: dict[str, dict[str, Any]] = {}
     for kind, (bundle, path) in bundles.items():

@@ -153,7 +153,7 @@ def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def int8(bundle: Bundle, data: dict[str, TaskData], s: Settings) -> tuple[dict[str, float], int]:
     """Accuracy per task and tensor bytes of the bundle through Intel Neural Compressor's static int8."""
-    from jtucker_plugin.integrations.neural_compressor import quantize_tasks  # imports INC: seconds
+    from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
     calibration = {
         t: calibration_batches(d, t, CALIBRATION_BATCHES, s.batch_size, s.seed) for t, d in data.items()

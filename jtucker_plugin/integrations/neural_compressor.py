@@ -30,7 +30,8 @@ Composition, as INC 3.10 runs it (checked in the tests):
   exported with ``neural_compressor.torch.export.export``, which the decomposition must
   precede: call ``quantize`` with the Tucker config, export, then ``prepare``/``convert``.
   Adding them to a Tucker config raises ``TypeError`` saying so. :func:`quantize_tasks` does
-  that second step for the task models of a bundle.
+  that second step for the task models of a bundle
+  (``integrations/inc_quantize.py``).
 
 Examples
 --------
@@ -44,27 +45,15 @@ True
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from neural_compressor.common.base_config import BaseConfig, ComposableConfig, register_config
 from neural_compressor.common.utils import DEFAULT_WHITE_LIST, Mode
-from neural_compressor.torch.quantization import (
-    RTNConfig,
-    convert,
-    get_default_dynamic_config,
-    get_default_static_config,
-    prepare,
-    quantize,
-)
 from neural_compressor.torch.quantization.config import OperatorConfig, TorchBaseConfig
 from neural_compressor.torch.utils import register_algo
 from neural_compressor.torch.utils.constants import PT2E_DYNAMIC_QUANT, PT2E_STATIC_QUANT
@@ -81,15 +70,12 @@ from jtucker_plugin.decompose.ranks import (
     rank_config_from_dict,
     select_ranks,
 )
-from jtucker_plugin.io import atomic_write_bytes
-from jtucker_plugin.merge.branches import to_branches
 from jtucker_plugin.recipe.schema import did_you_mean
 
 log = logging.getLogger("jtucker_plugin")
 
 TUCKER = "tucker"
 JTUCKER = "jtucker"
-SCHEMES = ("int8_static", "int8_dynamic", "weight_only_rtn")
 _PT2E_NAMES = ("static_quant", PT2E_STATIC_QUANT, PT2E_DYNAMIC_QUANT)
 # What INC itself puts in a config's __dict__ and passes back to __init__ (see BaseConfig._post_init).
 _INC_INTERNAL = ("params_list", "non_tunable_params", "_is_initialized")
@@ -235,7 +221,7 @@ class _DecompositionConfig(TorchBaseConfig):
                 "graph exported with neural_compressor.torch.export.export, and the decomposition "
                 "must come before that export. Call quantize(model, "
                 f"{type(self).__name__}(...), example_inputs=...) first, then export and "
-                "prepare/convert (jtucker_plugin.integrations.neural_compressor.quantize_tasks does both)"
+                "prepare/convert (jtucker_plugin.integrations.inc_quantize.quantize_tasks does both)"
             )
         return super().__add__(other)
 
@@ -412,302 +398,3 @@ def _run_first(*names: str) -> None:
 
 
 _run_first(JTUCKER, TUCKER)
-
-
-# --------------------------------------------------------------------------------------------
-# Quantizing the task models of a bundle
-
-
-@dataclass
-class QuantizedTasks:
-    """Task models quantized together by INC.
-
-    Attributes
-    ----------
-    scheme
-        One of ``SCHEMES``.
-    models
-        Task -> runnable quantized model taking that task's batch. A tensor shared by several
-        tasks (J-Tucker's factors, quantized once) is the same object in each.
-    program
-        All tasks in one module (``forward(*inputs)``, one input per task): what ``save`` writes.
-    example_inputs
-        One example batch per task, for exporting ``program``.
-    dynamic_shapes
-        The batch dimension of each input, free.
-    """
-
-    scheme: str
-    models: dict[str, nn.Module]
-    program: nn.Module
-    example_inputs: tuple[Tensor, ...]
-    dynamic_shapes: tuple[Any, ...]
-
-    def stored_tensors(self) -> dict[str, Tensor]:
-        """Each distinct tensor of all task models once (by identity), under its first name."""
-        return _unique_tensors(self.models)
-
-    def task_tensors(self, task: str) -> dict[str, Tensor]:
-        """The tensors of one task's model."""
-        return _unique_tensors({task: self.models[task]})
-
-    def shared_tensors(self) -> int:
-        """How many tensors several task models hold as one object (quantized once)."""
-        users: dict[int, set[str]] = {}
-        for task, model in self.models.items():
-            for tensor in model.state_dict(keep_vars=True).values():
-                users.setdefault(id(tensor), set()).add(task)
-        return sum(len(u) > 1 for u in users.values())
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``program`` as a ``torch.export`` archive (``.pt2``) atomically; returns ``path``.
-
-        Load it with ``torch.export.load(path).module()``; shared tensors are stored once.
-        """
-        program = torch.export.export(self.program, self.example_inputs, dynamic_shapes=self.dynamic_shapes)
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
-        path = atomic_write_bytes(path, buffer.getvalue())
-        return path
-
-
-def quantize_tasks(
-    models: Mapping[str, nn.Module],
-    scheme: str,
-    input_shapes: Mapping[str, Sequence[int]],
-    *,
-    calibration: Mapping[str, Sequence[Tensor]] | None = None,
-    bits: int = 8,
-    group_size: int = -1,
-) -> QuantizedTasks:
-    """Quantize task models through Intel Neural Compressor, shared parts once.
-
-    The models are copied together (sharing kept) and joined in a ``MultiTaskModel``; the float
-    models are left as they are.
-
-    - ``int8_static``: exported with ``neural_compressor.torch.export.export``, INC's default
-      static config (PT2E, X86 inductor quantizer: int8 weights per channel, uint8 activations
-      per tensor), calibrated with each task's own batches in one pass, converted; the weight
-      quantize ops are then folded into int8 constants (INC 3.10 leaves them float) and the
-      graph is split into one graph per task, the shared int8 weights being one tensor.
-      Batch norms fold into the conv before them, except after a weight that several tasks
-      share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
-      the weight stays one int8 tensor. Hybrid and task-mixed layers run as branches
-      (``merge.branches``): the shared layer in int8 once, Hybrid's sparse deltas in float.
-    - ``int8_dynamic``: the same with INC's default dynamic config (no calibration).
-    - ``weight_only_rtn``: INC's RTN on the ``nn.Linear`` layers (the only ones INC's weight-only
-      algorithms touch): ``bits``-bit weights in groups of ``group_size`` (-1: per channel).
-
-    Parameters
-    ----------
-    models
-        Task -> float model (eval mode is used).
-    scheme
-        One of ``SCHEMES``.
-    input_shapes
-        Task -> ``(C, H, W)``.
-    calibration
-        Task -> normalised batches of that task's own images; required for ``int8_static``.
-        Tasks with fewer batches repeat theirs (min/max observers are unchanged by repeats).
-        ``int8_dynamic`` runs the first batch of each (zeros without it): weight observers
-        record their ranges in a forward pass.
-    bits, group_size
-        For ``weight_only_rtn``.
-
-    Raises
-    ------
-    ValueError
-        For an unknown scheme (naming the close ones) or missing calibration data.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"scheme: {scheme!r} is not a quantization scheme offered here{did_you_mean(scheme, SCHEMES)}; "
-            f"Intel Neural Compressor runs on CPU: {', '.join(SCHEMES)}"
-        )
-    tasks = list(models)
-    if scheme == "int8_static":
-        missing = [t for t in tasks if not (calibration or {}).get(t)]
-        if missing:
-            raise ValueError(
-                f"int8_static: no calibration batches for task(s) {missing}; static int8 sets each "
-                "task's activation ranges from its own images"
-            )
-    multi = MultiTaskModel(copy.deepcopy(dict(models))).eval()
-    # Hybrid layers run as a shared layer (quantized once) plus their sparse delta (kept float).
-    deltas = to_branches(dict(multi.items()), delta="sparse")
-    examples = tuple(torch.zeros(2, *input_shapes[t]) for t in tasks)  # batch 2: 1 would specialise
-    dynamic = (tuple({0: torch.export.Dim(f"batch_{i}", min=1)} for i in range(len(tasks))),)
-    if scheme == "weight_only_rtn":
-        groups = _shared_paths(multi)
-        config = RTNConfig(bits=bits, group_size=group_size, use_layer_wise=False)
-        for path in deltas:
-            config.set_local(f"{path}.op", RTNConfig(dtype="fp32"))
-        multi = quantize(multi, config)
-        for paths in groups:  # INC replaces a shared module under its first name only
-            for other in paths[1:]:
-                multi.set_submodule(other, multi.get_submodule(paths[0]))
-        return QuantizedTasks(scheme, dict(multi.items()), multi, examples, dynamic)
-    from neural_compressor.torch.export import export
-
-    graph = export(multi, example_inputs=examples, dynamic_shapes=dynamic)
-    _unfold_shared_batch_norms(graph)
-    _keep_float(graph, deltas)
-    config = get_default_static_config() if scheme == "int8_static" else get_default_dynamic_config()
-    prepared = prepare(graph, config)
-    # Weight observers record their ranges in a forward pass, dynamic quantization too.
-    batches = {t: list((calibration or {}).get(t) or [examples[i]]) for i, t in enumerate(tasks)}
-    steps = max(len(b) for b in batches.values()) if scheme == "int8_static" else 1
-    with torch.no_grad():
-        for i in range(steps):
-            prepared(*(batches[t][i % len(batches[t])] for t in tasks))
-    program = convert(prepared)
-    _fold_weight_quantization(program)
-    per_task = {t: _task_graph(program, i) for i, t in enumerate(tasks)}
-    return QuantizedTasks(scheme, per_task, program, examples, dynamic[0])
-
-
-def _shared_paths(model: nn.Module) -> list[list[str]]:
-    paths: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(name)
-    return [p for p in paths.values() if len(p) > 1]
-
-
-def _keep_float(gm: torch.fx.GraphModule, paths: Sequence[str]) -> None:
-    """Mark the nodes computed inside the modules ``paths`` as annotated, with nothing to quantize.
-
-    The quantizer then leaves them float (it skips annotated nodes): the sparse deltas of
-    Hybrid layers, whose composed weight would otherwise be folded into a dense int8 copy per
-    task. One pass over the graph; a ``set_local`` per module would re-run the whole annotation
-    once per module (minutes for a ResNet-20 bundle).
-    """
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-
-    inside = set(paths)
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if node.op == "call_function" and any(path in inside for path, _ in stack.values()):
-            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
-
-
-def _unfold_shared_batch_norms(gm: torch.fx.GraphModule) -> None:
-    """Turn the batch norm after a conv whose weight several convs share into a channel affine.
-
-    PT2E folds every batch norm into the conv before it. A weight shared by several tasks
-    (hard sharing's convs, J-Tucker's ``out_proj``) is followed by each task's own batch norm:
-    folded, it would become one int8 weight per task (torchao even folds only the first task's
-    and drops the others). Written as ``x * scale + shift`` with each task's constants, the
-    batch norm is not folded, so the shared weight is quantized and stored once; the affine
-    runs in float (two ops per channel and pixel).
-    """
-    aten = torch.ops.aten
-    convs = {aten.conv1d.default, aten.conv2d.default}
-    rewritten = 0
-    for weight in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        users = [
-            u for u in weight.users if u.op == "call_function" and u.target in convs and u.args[1] is weight
-        ]
-        if len(users) < 2:
-            continue
-        for conv in users:
-            for norm in [
-                v for v in conv.users if v.op == "call_function" and v.target == aten.batch_norm.default
-            ]:
-                _replace_batch_norm(gm, norm, rewritten)
-                rewritten += 1
-    if rewritten:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-        _drop_unused_tensors(gm)
-
-
-def _replace_batch_norm(gm: torch.fx.GraphModule, norm: torch.fx.Node, index: int) -> None:
-    """``aten.batch_norm(x, w, b, mean, var, training=False, _, eps, _)`` -> ``x * scale + shift``."""
-    x, w, b, mean, var, training, _, eps = norm.args[:8]
-    if training:
-        raise ValueError(f"{norm.name}: a batch norm in training mode cannot be rewritten")
-
-    def value(node: torch.fx.Node) -> Tensor:
-        owner, _, attr = node.target.rpartition(".")
-        return getattr(gm.get_submodule(owner), attr).detach()
-
-    mean, var = value(mean), value(var)
-    scale = torch.rsqrt(var + eps)
-    if w is not None:
-        scale = scale * value(w)
-    shift = -mean * scale
-    if b is not None:
-        shift = shift + value(b)
-    view = (-1,) + (1,) * (norm.meta["val"].dim() - 2)
-    graph = gm.graph
-    with graph.inserting_before(norm):
-        nodes = []
-        for kind, tensor in (("scale", scale), ("shift", shift)):
-            name = f"_bn_{kind}_{index}"
-            gm.register_buffer(name, tensor.reshape(view).clone())
-            node = graph.get_attr(name)
-            node.meta["val"] = getattr(gm, name)
-            nodes.append(node)
-        scaled = graph.call_function(torch.ops.aten.mul.Tensor, (x, nodes[0]))
-        shifted = graph.call_function(torch.ops.aten.add.Tensor, (scaled, nodes[1]))
-    for node in (scaled, shifted):
-        node.meta = {**norm.meta}
-    norm.replace_all_uses_with(shifted)
-    graph.erase_node(norm)
-
-
-def _fold_weight_quantization(gm: torch.fx.GraphModule) -> None:
-    # What convert_pt2e(fold_quantize=True) does; INC 3.10's entry does not pass the flag on, so
-    # its graphs keep float weights and quantize them at every call.
-    from torchao.quantization.pt2e.constant_fold import constant_fold
-
-    ops = torch.ops.quantized_decomposed
-    quantize_ops = {
-        ops.quantize_per_tensor.default,
-        ops.quantize_per_tensor.tensor,
-        ops.quantize_per_channel.default,
-    }
-    constant_fold(gm, lambda n: n.op == "call_function" and n.target in quantize_ops)
-    _drop_unused_tensors(gm)
-
-
-def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [k for k, _ in gm.named_parameters()] + [k for k, _ in gm.named_buffers()]:
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner), attr)
-    gm.delete_all_unused_submodules()
-
-
-def _task_graph(program: torch.fx.GraphModule, index: int) -> torch.fx.GraphModule:
-    """The part of a multi-task graph that computes task ``index``: its tensors are the program's."""
-    gm = torch.fx.GraphModule(program, copy.deepcopy(program.graph))
-    graph = gm.graph
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (output.args[0][index],)
-    for node in list(graph.nodes):
-        # torch.export's shape guards read every input; they were checked when exporting.
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    for i, node in enumerate(inputs):
-        if i != index:
-            graph.erase_node(node)
-    graph._codegen = torch.fx.graph.CodeGen()  # plain positional forward(x), no pytree specs
-    gm.recompile()
-    _drop_unused_tensors(gm)
-    return gm
-
-
-def _unique_tensors(models: Mapping[str, nn.Module]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for task, model in models.items():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if isinstance(tensor, Tensor) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                out[f"{task}/{name}"] = tensor.detach()
-    return out

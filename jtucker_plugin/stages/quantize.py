@@ -1,7 +1,7 @@
 """Stage ``quantize``: every task model through Intel Neural Compressor, shared parts once.
 
 The stage quantizes all task models of the bundle together (``quantize_tasks`` in
-``integrations/neural_compressor.py``), measures each task's accuracy, size and CPU latency
+``integrations/inc_quantize.py``), measures each task's accuracy, size and CPU latency
 before and after, and writes the quantized program into the run's output folder
 (``<output>/quantized/``: ``program.pt2``, all tasks in one ``torch.export`` archive with the
 shared tensors once, and ``quantized.json`` saying which input is which task).
@@ -43,7 +43,7 @@ from jtucker_plugin.recipe.schema import did_you_mean
 from jtucker_plugin.recipe.stage import StageContext, StageResult
 from jtucker_plugin.train import evaluate
 
-# The same names as integrations.neural_compressor.SCHEMES, kept here so that validating a recipe
+# The same names as integrations.inc_quantize.SCHEMES, kept here so that validating a recipe
 # does not import Intel Neural Compressor (several seconds).
 Scheme = Literal["int8_static", "int8_dynamic", "weight_only_rtn"]
 Toolkit = Literal["neural_compressor"]
@@ -130,7 +130,7 @@ def _inc_logs(*, quiet: bool) -> Iterator[None]:
 @register_stage("quantize", config=QuantizeConfig)
 def quantize(bundle: Bundle, config: QuantizeConfig, ctx: StageContext) -> StageResult:
     """Quantize every task model with Intel Neural Compressor; accuracy, size, latency before/after."""
-    from jtucker_plugin.integrations.neural_compressor import quantize_tasks  # imports INC: seconds
+    from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
     tasks = bundle.tasks
     splits = {}

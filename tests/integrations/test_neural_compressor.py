@@ -17,6 +17,7 @@ import jtucker_plugin.integrations.neural_compressor as inc  # until `import jtu
 from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.layers import TuckerConv2d
 from jtucker_plugin.decompose.ranks import FixedConfig, RatioConfig, select_ranks
+from jtucker_plugin.integrations.inc_quantize import quantize_tasks
 from jtucker_plugin.models import create_model
 from jtucker_plugin.multitask import Bundle, TaskInfo
 
@@ -188,7 +189,7 @@ def test_rtn_keeps_shared_modules_shared():
     shared = nn.Linear(32, 32)
     for model in models.values():
         model.extra = shared  # a shared linear layer, as FactorizedLinear's factors are
-    result = inc.quantize_tasks(models, "weight_only_rtn", {t: SHAPE for t in models})
+    result = quantize_tasks(models, "weight_only_rtn", {t: SHAPE for t in models})
     a, b = result.models["t0"], result.models["t1"]
     assert a.extra is b.extra and type(a.extra).__name__ == "INCWeightOnlyLinear"
     assert type(a.linear).__name__ == "INCWeightOnlyLinear" and a.linear is not b.linear
@@ -204,9 +205,9 @@ def test_quantize_tasks_refuses_unknown_schemes_and_missing_calibration():
     with pytest.raises(
         ValueError, match=r"'int8_statc' is not a quantization scheme.*did you mean 'int8_static'"
     ):
-        inc.quantize_tasks(models, "int8_statc", {t: SHAPE for t in models})
+        quantize_tasks(models, "int8_statc", {t: SHAPE for t in models})
     with pytest.raises(ValueError, match=r"int8_static: no calibration batches for task\(s\) \['t1'\]"):
-        inc.quantize_tasks(models, "int8_static", {t: SHAPE for t in models}, calibration={"t0": [_inputs()]})
+        quantize_tasks(models, "int8_static", {t: SHAPE for t in models}, calibration={"t0": [_inputs()]})
 
 
 def test_int8_dynamic_quantizes_shared_factors_once():
@@ -217,7 +218,7 @@ def test_int8_dynamic_quantizes_shared_factors_once():
         bundle, lambda infos, _: select_ranks(RatioConfig(ratio=0.5), infos), joint=True, min_params=0
     )
 
-    result = inc.quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in models})
+    result = quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in models})
 
     int8 = {k: v for k, v in result.stored_tensors().items() if v.dtype == torch.int8}
     # Per task: conv1, 6 cores and the head; once for both tasks: the 6 in_proj and 6 out_proj

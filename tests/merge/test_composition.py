@@ -13,7 +13,7 @@ from conftest import close_tasks_bundle
 from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.ranks import RatioConfig, rank_config_from_dict, select_ranks
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores
-from jtucker_plugin.integrations.neural_compressor import quantize_tasks
+from jtucker_plugin.integrations.inc_quantize import quantize_tasks
 from jtucker_plugin.merge.branches import HybridBranches, from_branches, to_branches
 from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer
 from jtucker_plugin.merge.hybrid import hybrid_groups, hybrid_storage, hybridize
