@@ -34,9 +34,9 @@ over that of the bundle, ``Bundle.stored_tensors``: indices, batch-norm statisti
 Int8 (``--no-int8`` to skip): every bundle, the dense reference too, then goes through
 ``quantize_tasks(..., "int8_static")`` (Intel Neural Compressor, PT2E; calibrated on 4 batches of
 each task's training images): shared weights are quantized once (batch norms after shared convs
-stay per-task affines; Hybrid layers run as an int8 shared layer plus their sparse float
-deltas, ``merge.branches``). Its ratio is the dense fp32 tensor bytes over the int8 program's
-tensor bytes, its drop against the same fp32 reference.
+stay per-task affines; Hybrid layers run as an int8 shared layer plus their sparse deltas,
+values in int8 with one scale each, ``merge.branches``). Its ratio is the dense fp32 tensor
+bytes over the int8 program's tensor bytes, its drop against the same fp32 reference.
 
 "CR at <= 1 pp": the largest measured ratio whose mean drop is at most 1 pp (``best``) and the
 ratio where the curve, anchored at (1x, 0 pp), crosses 1 pp, interpolated in log(ratio)

@@ -4,7 +4,8 @@
 dynamic int8, or its weight-only RTN), so that a tensor shared by several tasks is quantized and
 stored once, and returns one runnable model per task plus the whole program for saving. The
 graph rewrites it needs around INC's ``prepare``/``convert`` live here too: batch norms after a
-shared weight kept as per-task affines, Hybrid deltas kept float, weights folded to int8.
+shared weight kept as per-task affines, Hybrid deltas kept sparse (int8 values, one scale
+each), weights folded to int8.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from jtucker_plugin.integrations.neural_compressor import MultiTaskModel
 from jtucker_plugin.io import atomic_write_bytes
 from jtucker_plugin.merge.branches import to_branches
+from jtucker_plugin.merge.composed import SparseDelta
 from jtucker_plugin.recipe.schema import did_you_mean
 
 SCHEMES = ("int8_static", "int8_dynamic", "weight_only_rtn")
@@ -110,7 +112,9 @@ def quantize_tasks(
       Batch norms fold into the conv before them, except after a weight that several tasks
       share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
       the weight stays one int8 tensor. Hybrid and task-mixed layers run as branches
-      (``merge.branches``): the shared layer in int8 once, Hybrid's sparse deltas in float.
+      (``merge.branches``): the shared layer in int8 once; Hybrid's deltas stay sparse, their
+      values rounded to int8 with one scale per delta (INC's symmetric RTN, ``qdq_weight_sym``)
+      and added in float.
     - ``int8_dynamic``: the same with INC's default dynamic config (no calibration).
     - ``weight_only_rtn``: INC's RTN on the ``nn.Linear`` layers (the only ones INC's weight-only
       algorithms touch): ``bits``-bit weights in groups of ``group_size`` (-1: per channel).
@@ -166,6 +170,7 @@ def quantize_tasks(
         return QuantizedTasks(scheme, dict(multi.items()), multi, examples, dynamic)
     from neural_compressor.torch.export import export
 
+    _round_deltas(multi)
     graph = export(multi, example_inputs=examples, dynamic_shapes=dynamic)
     _unfold_shared_batch_norms(graph)
     _keep_float(graph, deltas)
@@ -188,6 +193,17 @@ def _shared_paths(model: nn.Module) -> list[list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
     return [p for p in paths.values() if len(p) > 1]
+
+
+def _round_deltas(model: nn.Module) -> None:
+    """Store each Hybrid delta's values as int8 codes and one scale (INC's symmetric RTN)."""
+    from neural_compressor.torch.algorithms.weight_only.utility import qdq_weight_sym
+
+    for module in model.modules():
+        if isinstance(module, SparseDelta) and module.nnz:
+            values = module.delta_values.detach().to(torch.float32).clone().view(1, -1)
+            codes, scale, _ = qdq_weight_sym(values, bits=8, return_int=True)
+            module.set_codes(codes.view(-1).to(torch.int8), scale)
 
 
 def _keep_float(gm: torch.fx.GraphModule, paths: Sequence[str]) -> None:

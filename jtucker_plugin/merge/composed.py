@@ -339,14 +339,16 @@ class SparseDelta(ComposedLayer):
 
     ``merge.branches`` runs it beside the shared layer (``W_shared x + S_t x``) so that a
     quantizer sees the shared weight as one stored tensor; it recomposes per forward
-    (``materialize=False``), so exported graphs store only the values and positions.
+    (``materialize=False``), so exported graphs store only the values and positions. The values
+    are float, or integer codes times one ``delta_scale`` once ``set_codes`` has rounded them.
     """
 
     def __init__(self, op: str, config: dict[str, Any], bias: bool, values: Tensor, indices: Tensor):
         super().__init__(op, config, materialize=False)
         self.bias_entries = self.weight_shape[0] if bias else 0
-        self.delta_values = nn.Parameter(values.detach().clone(), requires_grad=False)
+        self.register_buffer("delta_values", values.detach().clone())
         self.register_buffer("delta_indices", indices.clone())
+        self.register_buffer("delta_scale", None)
 
     @classmethod
     def of(cls, layer: HybridLayer) -> SparseDelta:
@@ -360,16 +362,30 @@ class SparseDelta(ComposedLayer):
         )
         return delta.to(device=layer.shared_weight.device)
 
+    def set_codes(self, codes: Tensor, scale: Tensor) -> None:
+        """Store the values as integer ``codes`` (``values ~= codes * scale``, one scalar scale)."""
+        if codes.shape != self.delta_values.shape or scale.numel() != 1:
+            raise ValueError(f"set_codes: expected {self.nnz} codes and one scale")
+        self.delta_values = codes.to(self.delta_indices.device)
+        self.delta_scale = scale.reshape(()).to(torch.float32)
+
+    @property
+    def nnz(self) -> int:
+        return self.delta_values.numel()
+
     @property
     def has_bias(self) -> bool:
         return self.bias_entries > 0
 
     def parts(self) -> tuple[Tensor, ...]:
-        return (self.delta_values, self.delta_indices)
+        scale = () if self.delta_scale is None else (self.delta_scale,)
+        return (self.delta_values, self.delta_indices, *scale)
 
     def compose(self) -> tuple[Tensor, Tensor | None]:
-        numel = math.prod(self.weight_shape) + self.bias_entries
-        flat = self.delta_values.new_zeros(numel)
+        values = self.delta_values
+        if self.delta_scale is not None:
+            values = values.to(self.delta_scale.dtype) * self.delta_scale
+        flat = values.new_zeros(math.prod(self.weight_shape) + self.bias_entries)
         return _add_sparse(
-            flat, decode_positions(self.delta_indices), self.delta_values, self.weight_shape, self.has_bias
+            flat, decode_positions(self.delta_indices), values, self.weight_shape, self.has_bias
         )

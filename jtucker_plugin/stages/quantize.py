@@ -13,9 +13,10 @@ stage's metrics (``accuracy_quantized``, ``quantized_bytes``, ``latency_ms_b*_qu
 
 Shared parts: every task's graph is one PT2E program, so a weight shared by several tasks is
 quantized once and stored once, with one set of scales: J-Tucker's factors, hard sharing's
-convs, Hybrid's shared weights (its sparse deltas stay float), task-mixed basis cores. A batch
-norm after a shared weight stays each task's float affine instead of being folded into a copy
-of the weight. The metric ``quantized_shared_tensors`` counts what stays shared.
+convs, Hybrid's shared weights (its deltas stay sparse: int8 values, one scale each),
+task-mixed basis cores. A batch norm after a shared weight stays each task's float affine
+instead of being folded into a copy of the weight. The metric ``quantized_shared_tensors``
+counts what stays shared.
 
 Sizes are those of the tensors (a safetensors file of them, like a bundle's): the ``.pt2``
 archive adds the serialized graph, which dominates for tiny models. Latency is eager PyTorch:

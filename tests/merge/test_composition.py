@@ -163,20 +163,24 @@ def test_jtucker_after_hybrid_keeps_the_hybrid_layers_and_says_why():
         decompose_bundle(everything, ranks, joint=True)
 
 
-def test_int8_after_hybrid_stores_the_shared_weight_once_and_the_deltas_sparse():
+def test_int8_after_hybrid_stores_the_shared_weight_once_and_the_deltas_sparse_in_int8():
     bundle = _hybrid_bundle(density=0.05)
     groups = hybrid_groups(bundle.models)
     result = quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in bundle.tasks})
 
     stored = result.stored_tensors()
     shared_shapes = sorted(tuple(g[0].weight_shape) for g in groups.values())
-    int8 = sorted(tuple(v.shape) for v in stored.values() if v.dtype == torch.int8)
+    weights = {k: v for k, v in stored.items() if not k.endswith("delta_values")}
+    int8 = sorted(tuple(v.shape) for v in weights.values() if v.dtype == torch.int8)
     # conv1 and the head are per task; each Hybrid layer's shared weight is one int8 tensor.
     assert len(int8) == len(shared_shapes) + 2 * 3
     assert all(int8.count(s) >= 1 for s in shared_shapes)
+    # Each delta: its nnz values as int8 codes, one float scale, its int16 positions.
     values = [v for k, v in stored.items() if k.endswith("delta_values")]
     nnz = sorted(layer.nnz for layers in groups.values() for layer in layers)
-    assert sorted(v.numel() for v in values) == nnz and all(v.dtype == torch.float32 for v in values)
+    assert sorted(v.numel() for v in values) == nnz and all(v.dtype == torch.int8 for v in values)
+    scales = [v for k, v in stored.items() if k.endswith("delta_scale")]
+    assert len(scales) == len(values) and all(s.dtype == torch.float32 and s.numel() == 1 for s in scales)
     expected = _outputs(bundle.models)
     for task in bundle.tasks:
         with torch.no_grad():
