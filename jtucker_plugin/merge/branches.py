@@ -152,7 +152,8 @@ def _shared_part(layer: ComposedLayer) -> nn.Module:
 
 
 def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "sparse"]) -> list[str]:
-    """Replace every ``HybridLayer`` and ``TaskMixLayer`` of ``models`` in place by branches.
+    """Replace every ``HybridLayer`` and ``TaskMixLayer`` of ``models`` in place by branches (in
+    the layer's train/eval mode).
 
     Layers that share a weight (a basis) get one shared layer object (list of layers). Returns
     the paths (``"<task>.<layer>.delta"``) of the Hybrid delta branches.
@@ -168,11 +169,12 @@ def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "spars
             if key not in shared:
                 shared[key] = _shared_part(layer)
             if isinstance(layer, TaskMixLayer):
-                model.set_submodule(name, MixBranches(shared[key], layer.mix, layer.materialize))
-                continue
-            part = _masked_delta(layer) if delta == "masked" else SparseDelta.of(layer)
-            model.set_submodule(name, HybridBranches(shared[key], part, layer.materialize))
-            paths.append(f"{task}.{name}.delta")
+                branches = MixBranches(shared[key], layer.mix, layer.materialize)
+            else:
+                part = _masked_delta(layer) if delta == "masked" else SparseDelta.of(layer)
+                branches = HybridBranches(shared[key], part, layer.materialize)
+                paths.append(f"{task}.{name}.delta")
+            model.set_submodule(name, branches.train(layer.training))
     return paths
 
 

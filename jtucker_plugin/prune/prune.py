@@ -310,11 +310,11 @@ def prune_bundle(
                     tracker.record(group)
                     group.prune()
     finally:
-        from_branches(bundle.models)
         for m, flag in flags:
             m.training = flag
         if needs_gradients(importance):
             net.zero_grad(set_to_none=True)
+        from_branches(bundle.models)  # after the modes: each rebuilt layer takes its branches'
     macs_after = _bundle_macs(bundle)
     bundle.history.extend(tracker.records(stage))
     return {

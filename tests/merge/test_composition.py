@@ -125,7 +125,12 @@ def test_prune_after_sharing_equals_pruning_each_dense_task_model_at_the_same_ch
     dense = {t: _dense_equivalent(m) for t, m in bundle.models.items()}
     masks = {t: _dense_equivalent(m, "mask") for t, m in bundle.models.items()}
 
+    bundle.models["t1"].train()
+    modes = {t: {n: m.training for n, m in model.named_modules()} for t, model in bundle.models.items()}
     result = prune_bundle(bundle, "magnitude", pruning_ratio=0.5)
+    assert modes == {
+        t: {n: m.training for n, m in model.named_modules()} for t, model in bundle.models.items()
+    }
 
     records = [r for r in bundle.history if r["stage"] == "prune"]
     assert records and all(r["channels"][1] < r["channels"][0] for r in records)
