@@ -154,7 +154,7 @@ def quantize_tasks(
                 "task's activation ranges from its own images"
             )
     multi = MultiTaskModel(copy.deepcopy(dict(models))).eval()
-    # Hybrid layers run as a shared layer (quantized once) plus their sparse delta (kept float).
+    # Hybrid layers run as a shared layer (quantized once) plus their sparse delta, added in float.
     deltas = to_branches(dict(multi.items()), delta="sparse")
     examples = tuple(torch.zeros(2, *input_shapes[t]) for t in tasks)  # batch 2: 1 would specialise
     dynamic = (tuple({0: torch.export.Dim(f"batch_{i}", min=1)} for i in range(len(tasks))),)
