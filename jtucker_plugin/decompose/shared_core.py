@@ -58,10 +58,13 @@ class CoreSharing:
         a ``task_rank`` below 1, or an option that does not go with ``cores``.
     """
 
+    # cores: per_task (the paper), shared_sparse (G_shared + sparse D_t at core_density or
+    # core_budget non-zeros), task_rank (spanned by task_rank shared cores)
     cores: Literal["per_task", "shared_sparse", "task_rank"] = "per_task"
     core_density: float | None = None
     core_budget: int | None = None
     task_rank: int | None = None
+    # shared cores: keep each task's dense core after its first forward (see merge.composed)
     materialize: bool = defaults.MATERIALIZE
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -99,38 +99,25 @@ def _decompose(
 
 
 @dataclass(frozen=True)
-class JTuckerStageConfig(TuckerStageConfig):
-    """``jtucker``: plus how the cores are stored (see ``decompose.shared_core``)."""
-
-    # cores: per_task (the paper), shared_sparse (G_shared + sparse D_t at core_density or
-    # core_budget non-zeros), task_rank (spanned by task_rank shared cores)
-    cores: Literal["per_task", "shared_sparse", "task_rank"] = "per_task"
-    core_density: float | None = None
-    core_budget: int | None = None
-    task_rank: int | None = None
-    # shared cores: keep each task's dense core after its first forward (see merge.composed)
-    materialize: bool = defaults.MATERIALIZE
+class JTuckerStageConfig(TuckerStageConfig, CoreSharing):
+    """``jtucker``: plus how the cores are stored (the fields of ``decompose.shared_core.CoreSharing``)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.core_sharing()
-
-    def core_sharing(self) -> CoreSharing:
-        return CoreSharing(self.cores, self.core_density, self.core_budget, self.task_rank, self.materialize)
+        TuckerStageConfig.__post_init__(self)
+        CoreSharing.__post_init__(self)
 
 
 @register_stage("jtucker", config=JTuckerStageConfig)
 def jtucker(bundle: Bundle, config: JTuckerStageConfig, ctx: StageContext) -> StageResult:
     """J-Tucker: shared factor matrices for all tasks, a core per task, ranks chosen jointly."""
-    sharing = config.core_sharing()
-    sharing.check_tasks(len(bundle.tasks))
+    config.check_tasks(len(bundle.tasks))
     # Ranks are chosen for the cores as they will be stored: a budget spends what sharing saves.
-    copies = sharing.core_copies(len(bundle.tasks))
+    copies = config.core_copies(len(bundle.tasks))
     result = _decompose(bundle, config, ctx, joint=True, stage="jtucker", core_copies=copies)
     if config.cores != "per_task":
         rows = result.metrics["jtucker"]["layers"]
         names = [name for name, row in rows.items() if "kept_dense" not in row]
-        result.metrics["jtucker"]["cores"] = share_cores(bundle, names, sharing)
+        result.metrics["jtucker"]["cores"] = share_cores(bundle, names, config)
         result.metrics["bundle"]["unique_parameters"] = bundle.unique_parameters()
     return result
 
