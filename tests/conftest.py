@@ -37,6 +37,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("JTUCKER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: on two cores shared with other jobs, several threads make
+    quantization and export tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)

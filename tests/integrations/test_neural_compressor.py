@@ -24,13 +24,7 @@ from jtucker_plugin.multitask import Bundle, TaskInfo
 SHAPE = (1, 16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: several torch threads each make this file several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _models(n: int = 2) -> dict[str, nn.Module]:

@@ -56,17 +56,11 @@ def _recipe(folder: Path, quantize_options: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: several torch threads each make training ~20x slower here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, _one_thread):
+def run(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("quantize")
     report = run_recipe(load_recipe(_recipe(folder, QUANTIZE)), quiet=True)
     return folder, report
