@@ -193,6 +193,27 @@ def test_int8_after_hybrid_stores_the_shared_weight_once_and_the_deltas_sparse_i
         assert error < 0.1 * expected[task].abs().max()
 
 
+def test_weight_only_rtn_quantizes_a_hybrid_linear_layers_shared_weight_once():
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.nn.Parameter(0.1 * torch.randn(32, 32, generator=gen))
+    models = {}
+    for task in ("a", "b"):
+        layer = HybridLayer("Linear", {"in_features": 32, "out_features": 32}, nnz=20)
+        layer.shared_weight = shared
+        layer.set_delta(torch.randperm(32 * 32, generator=gen)[:20], 0.05 * torch.randn(20, generator=gen))
+        head = torch.nn.Linear(32, 3)
+        models[task] = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), layer, head).eval()
+    result = quantize_tasks(models, "weight_only_rtn", {t: (1, 4, 4) for t in models})
+    a, b = result.models["a"][2], result.models["b"][2]
+    # INC's RTN replaced the shared linear layer once; the deltas' ops were left to compose.
+    assert a.shared is b.shared and type(a.shared).__name__ == "INCWeightOnlyLinear"
+    assert type(a.delta.op) is torch.nn.Linear and a.delta is not b.delta
+    x = torch.randn(5, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        for task, model in models.items():
+            torch.testing.assert_close(result.models[task](x), model(x), atol=0.01, rtol=0.01)
+
+
 def test_int8_after_hard_sharing_keeps_each_shared_weight_once():
     bundle = close_tasks_bundle(3)
     hard_share(bundle, keep_per_task=["conv1"])
