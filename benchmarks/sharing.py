@@ -31,6 +31,10 @@ conv (too small to gain), batch norm and heads stay per task everywhere.
 Compression ratio: in parameters (the tasks' dense parameters over the bundle's unique ones;
 a sparse delta counts its values), and in bytes (the tensor data of the separate dense models
 over that of the bundle, ``Bundle.stored_tensors``: indices, batch-norm statistics included).
+``--distill W``: every recovery fine-tune (the reference's too) distils from the task models
+before compression (``train.Distillation``, weight W, temperature 4) instead of learning the
+labels alone.
+
 Int8 (``--no-int8`` to skip): every bundle, the dense reference too, then goes through
 ``quantize_tasks(..., "int8_static")`` (Intel Neural Compressor, PT2E; calibrated on 4 batches of
 each task's training images): shared weights are quantized once (batch norms after shared convs
@@ -95,7 +99,7 @@ from jtucker_plugin.merge.hybrid import hybridize, train_hybrid  # noqa: E402
 from jtucker_plugin.merge.share import hard_share  # noqa: E402
 from jtucker_plugin.multitask import Bundle  # noqa: E402
 from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
-from jtucker_plugin.train import FitConfig, evaluate, fit  # noqa: E402
+from jtucker_plugin.train import Distillation, FitConfig, evaluate, fit  # noqa: E402
 
 LIMIT_PP = 1.0
 OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank")
@@ -224,13 +228,19 @@ METHODS: dict[str, tuple[Callable, Callable[[Settings, Scenario], tuple]]] = {
 
 
 def recover(
-    method: str, setting: Any, bundle: Bundle, data: dict[str, TaskData], config: FitConfig, s: Settings
+    method: str,
+    setting: Any,
+    bundle: Bundle,
+    data: dict[str, TaskData],
+    config: FitConfig,
+    s: Settings,
+    distill: Distillation | None,
 ) -> None:
     """The recovery fine-tune: the same epochs and steps for every method."""
     if method == "hybrid":
-        train_hybrid(bundle, data, config, density=setting, l1=s.l1, seed=s.seed)
+        train_hybrid(bundle, data, config, density=setting, l1=s.l1, seed=s.seed, distill=distill)
     else:
-        fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed)
+        fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed, distill=distill)
 
 
 def _points(rows: list[dict[str, Any]], method: str, unit: str) -> list[tuple[float, float]]:
@@ -276,7 +286,8 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     version = torch.__version__.split("+")[0]
     scenario = SCENARIOS[args.scenario]
-    tag = f"sharing-{args.scenario}{'-quick' if args.quick else ''}-pt{version}-cpu"
+    distilled = f"-distill{args.distill:g}" if args.distill else ""
+    tag = f"sharing-{args.scenario}{distilled}{'-quick' if args.quick else ''}-pt{version}-cpu"
     log(f"{tag}: {s}, threads {args.threads}")
 
     data_dir = args.data_dir.resolve()
@@ -303,8 +314,9 @@ def run(args: argparse.Namespace) -> None:
     )
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    distill = Distillation(copy.deepcopy(base.models), weight=args.distill) if args.distill else None
     dense = copy.deepcopy(base)
-    fit(dense.models, data, recovery, seed=s.seed)
+    fit(dense.models, data, recovery, seed=s.seed, distill=distill)
     ref = accuracies(dense, data)
 
     def record(method: str, setting: Any, bundle: Bundle, acc: dict[str, float], seconds: float) -> None:
@@ -322,6 +334,7 @@ def run(args: argparse.Namespace) -> None:
             "mean_accuracy": round(sum(acc.values()) / len(acc), 5),
             "mean_drop_pp": round(100 * sum(ref[t] - acc[t] for t in acc) / len(acc), 3),
             "finetune_steps_per_task": s.finetune_epochs * steps,
+            "distill": args.distill,
             "seconds": round(seconds),
         }
         if args.int8:
@@ -351,7 +364,7 @@ def run(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             bundle = copy.deepcopy(base)
             compress(bundle, setting, s, scenario)
-            recover(method, setting, bundle, data, recovery, s)
+            recover(method, setting, bundle, data, recovery, s, distill)
             record(method, setting, bundle, accuracies(bundle, data), time.perf_counter() - t0)
 
     summary = summarise(rows, methods)
@@ -463,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")
+    parser.add_argument(
+        "--distill", type=float, default=0.0, help="recovery fine-tunes distil from the task models (weight)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument(
         "--work-dir", type=Path, default=Path("/tmp/jtucker-bench"), help="cache of the decoded images"

@@ -3,6 +3,12 @@
 Joint training interleaves the tasks: each optimiser step sums one batch's loss from every task,
 so a parameter shared by several task models (a J-Tucker factor, a shared dense weight) gets the
 gradients of all of them, while per-task parts (cores, batch norm, heads) get only their own.
+
+Distillation (``fit(..., distill=Distillation(teachers))``, e.g. the task models before
+compression): each task's loss becomes ``(1 - weight) * CE(labels) + weight * T^2 *
+KL(teacher || student)`` at temperature ``T``, so that a compressed model recovers towards what
+its dense model predicted, not only towards the few labels a recovery fine-tune sees. Recipes
+do not offer it yet (a stage would need to name the teachers' checkpoint).
 """
 
 from __future__ import annotations
@@ -51,6 +57,31 @@ class FitConfig:
             raise ValueError(f"label_smoothing: expected a number in [0, 1), got {self.label_smoothing}")
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Teachers to distil from while fitting (see the module docstring).
+
+    Parameters
+    ----------
+    teachers
+        Task name -> teacher model (run in eval mode without gradients, never trained).
+    weight
+        Of the KL term, in [0, 1]; the labels' cross-entropy gets ``1 - weight``.
+    temperature
+        Softens both distributions; the KL term is scaled by its square.
+    """
+
+    teachers: dict[str, nn.Module]
+    weight: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"distill weight: expected a number in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"distill temperature: expected a number > 0, got {self.temperature}")
+
+
 def unique_parameters(models: Iterable[nn.Module]) -> list[nn.Parameter]:
     """Trainable parameters of several models, each shared one once."""
     seen, out = set(), []
@@ -85,6 +116,7 @@ def fit(
     *,
     seed: int = 0,
     progress: Progress | None = None,
+    distill: Distillation | None = None,
 ) -> dict[str, float]:
     """Train task models in place; returns each task's mean loss over the last epoch.
 
@@ -98,26 +130,53 @@ def fit(
         Drives shuffling and augmentation; the same seed gives the same updates.
     progress
         ``progress(iterable, total=..., desc=...)``, e.g. ``tqdm``; ``None`` for silence.
+    distill
+        Teachers to distil from; every trained task needs one.
 
     Raises
     ------
     KeyError
         If ``config.tasks`` names a task that is not in ``models``.
+    ValueError
+        If ``distill`` has no teacher for a trained task.
     """
     tasks = list(config.tasks or models)
     for t in tasks:
         if t not in models:
             raise KeyError(f"tasks: unknown task {t!r}; the bundle has {', '.join(models)}")
+    if distill is not None and (missing := [t for t in tasks if t not in distill.teachers]):
+        raise ValueError(f"distill: no teacher model for task(s) {missing}")
     groups = [tasks] if config.joint else [[t] for t in tasks]
     losses: dict[str, float] = {}
     for group in groups:
         losses.update(
-            _fit_group({t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress)
+            _fit_group(
+                {t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress, distill
+            )
         )
     return losses
 
 
-def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
+def _task_loss(criterion: nn.Module, distill: Distillation | None, task: str):
+    """The task's loss ``(logits, labels, inputs)``: cross-entropy, mixed with the teacher's
+    softened predictions when distilling."""
+    if distill is None or distill.weight == 0:
+        return lambda logits, y, x: criterion(logits, y)
+    teacher = distill.teachers[task].eval()
+    t, w = distill.temperature, distill.weight
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(x) / t, dim=1)
+        kl = nn.functional.kl_div(
+            torch.log_softmax(logits / t, dim=1), target, reduction="batchmean", log_target=True
+        )
+        return (1 - w) * criterion(logits, y) + w * t * t * kl
+
+    return loss
+
+
+def _fit_group(models, data, config, seed, progress, distill=None) -> dict[str, float]:
     params = unique_parameters(models.values())
     steps = _steps_per_epoch((d.train for d in data.values()), config)
     total = steps * config.epochs
@@ -130,6 +189,7 @@ def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if config.schedule == "cosine" else None
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    losses = {t: _task_loss(criterion, distill, t) for t in models}
     streams = {t: _endless(d.train, config, seed + i) for i, (t, d) in enumerate(data.items())}
     for m in models.values():
         m.train()
@@ -144,7 +204,7 @@ def _fit_group(models, data, config, seed, progress) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         for t, model in models.items():
             x, y = next(streams[t])
-            loss = criterion(model(x), y)
+            loss = losses[t](model(x), y, x)
             loss.backward()
             sums[t] += loss.item()
         optimizer.step()

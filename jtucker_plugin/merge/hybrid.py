@@ -48,7 +48,7 @@ from jtucker_plugin.merge.composed import HybridLayer
 from jtucker_plugin.metrics import state_bytes
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
-from jtucker_plugin.train import FitConfig, fit
+from jtucker_plugin.train import Distillation, FitConfig, fit
 
 _OP_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -399,6 +399,7 @@ def train_hybrid(
     prune_epochs: int | None = None,
     seed: int = 0,
     progress: Callable[..., Iterable] | None = None,
+    distill: Distillation | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune all tasks jointly while the deltas shrink to the target on a cubic schedule.
 
@@ -423,6 +424,8 @@ def train_hybrid(
         Epochs over which the schedule runs, ``0 <= prune_epochs <= epochs``; default
         ``epochs - 1`` (at least one epoch with fixed masks). With 0 the deltas are cut to the
         target before training.
+    distill
+        Teachers to distil from, as in ``train.fit``.
 
     Returns
     -------
@@ -454,7 +457,7 @@ def train_hybrid(
         step = dataclasses.replace(config, epochs=1, lr=lr, schedule="constant", joint=True)
         # Pruning replaced the values: the hooks go on the current ones, each epoch.
         with l1_penalty(members, l1):
-            losses = fit(bundle.models, data, step, seed=seed + epoch, progress=progress)
+            losses = fit(bundle.models, data, step, seed=seed + epoch, progress=progress, distill=distill)
         if epoch < prune_epochs:
             prune_deltas(groups, **levels[epoch])
         records.append(

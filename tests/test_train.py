@@ -1,0 +1,57 @@
+"""train.fit with distillation: the student moves towards its teacher; bad settings are named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from jtucker_plugin.data import ArrayDataset, TaskData
+from jtucker_plugin.models import create_model
+from jtucker_plugin.train import Distillation, FitConfig, fit
+
+CONFIG = FitConfig(epochs=6, batch_size=16, lr=0.05)
+
+
+def _data(seed: int) -> TaskData:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    # Labels that carry nothing: only a teacher can say what the outputs should be.
+    ds = ArrayDataset(images, torch.randint(0, 4, (64,), generator=gen), (0.5,) * 3, (0.25,) * 3)
+    return TaskData(ds, None, ds, [str(i) for i in range(4)], augment=False)
+
+
+def _kl_to(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(teacher.eval()(x), dim=1)
+        q = torch.log_softmax(student.eval()(x), dim=1)
+    return float(torch.nn.functional.kl_div(q, p, reduction="batchmean", log_target=True))
+
+
+def test_distillation_pulls_the_student_to_its_teacher_and_leaves_the_teacher_alone():
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", 4, width=0.5, seed=1).eval()
+    before = copy.deepcopy(teacher.state_dict())
+    start = create_model("resnet8", 4, width=0.5, seed=2)
+    data = {"t": _data(3)}
+    x = data["t"].train.images[:32].float().sub(127.5).div(64)
+
+    plain, distilled = copy.deepcopy(start), copy.deepcopy(start)
+    fit({"t": plain}, data, CONFIG, seed=0)
+    fit({"t": distilled}, data, CONFIG, seed=0, distill=Distillation({"t": teacher}, weight=1.0))
+
+    assert _kl_to(teacher, distilled, x) < 0.5 * _kl_to(teacher, plain, x)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_bad_distillation_settings_are_named():
+    teacher = create_model("resnet8", 4, width=0.5, seed=1)
+    with pytest.raises(ValueError, match=r"distill weight: expected a number in \[0, 1\], got 1.5"):
+        Distillation({"t": teacher}, weight=1.5)
+    with pytest.raises(ValueError, match="distill temperature: expected a number > 0, got 0"):
+        Distillation({"t": teacher}, temperature=0)
+    student = create_model("resnet8", 4, width=0.5, seed=2)
+    with pytest.raises(ValueError, match=r"distill: no teacher model for task\(s\) \['t'\]"):
+        fit({"t": student}, {"t": _data(3)}, CONFIG, distill=Distillation({"other": teacher}))
