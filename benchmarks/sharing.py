@@ -54,7 +54,7 @@ Output under ``--out`` (default ``benchmarks/results``), named
 environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8 bytes).
 
 Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--scenario vgg] [--quick]
-[--finetune-epochs N] [--threads 1]``.
+[--finetune-epochs N] [--distill W] [--methods ...] [--shared-core-budgets F ...] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -280,6 +280,8 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     s = QUICK if args.quick else Settings()
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    if args.shared_core_budgets:
+        overrides["shared_core_budgets"] = tuple(args.shared_core_budgets)
     s = replace(s, **overrides)
     methods = list(METHODS) if args.methods is None else args.methods
     torch.set_num_threads(args.threads)
@@ -474,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
     for name in _OVERRIDES:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the setting")
+    parser.add_argument(
+        "--shared-core-budgets", type=float, nargs="+", help="the sweep of jtucker_sparse / jtucker_taskrank"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")
     parser.add_argument(
