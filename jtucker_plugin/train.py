@@ -7,8 +7,9 @@ gradients of all of them, while per-task parts (cores, batch norm, heads) get on
 Distillation (``fit(..., distill=Distillation(teachers))``, e.g. the task models before
 compression): each task's loss becomes ``(1 - weight) * CE(labels) + weight * T^2 *
 KL(teacher || student)`` at temperature ``T``, so that a compressed model recovers towards what
-its dense model predicted, not only towards the few labels a recovery fine-tune sees. Recipes
-do not offer it yet (a stage would need to name the teachers' checkpoint).
+its dense model predicted, not only towards the few labels a recovery fine-tune sees. In
+recipes: ``finetune: {distill: 0.7, teacher_stage: 1}`` (the teachers are the task models that
+stage 1 wrote).
 """
 
 from __future__ import annotations

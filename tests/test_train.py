@@ -1,4 +1,5 @@
-"""train.fit with distillation: the student moves towards its teacher; bad settings are named."""
+"""Distillation: train.fit pulls the student towards its teacher; the finetune stage takes its
+teachers from an earlier stage; bad settings are named."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import torch
 
 from jtucker_plugin.data import ArrayDataset, TaskData
 from jtucker_plugin.models import create_model
+from jtucker_plugin.multitask import Bundle
+from jtucker_plugin.recipe.load import load_recipe
+from jtucker_plugin.recipe.runner import run_recipe
+from jtucker_plugin.recipe.schema import ConfigError
 from jtucker_plugin.train import Distillation, FitConfig, fit
 
 CONFIG = FitConfig(epochs=6, batch_size=16, lr=0.05)
@@ -55,3 +60,32 @@ def test_bad_distillation_settings_are_named():
     student = create_model("resnet8", 4, width=0.5, seed=2)
     with pytest.raises(ValueError, match=r"distill: no teacher model for task\(s\) \['t'\]"):
         fit({"t": student}, {"t": _data(3)}, CONFIG, distill=Distillation({"other": teacher}))
+
+
+def test_finetune_stage_distils_from_an_earlier_stage_and_names_bad_options(tiny_recipe, tmp_path):
+    train = {"train": {"epochs": 2, "batch_size": 16, "lr": 0.05}}
+    jtucker = {"jtucker": {"ranks": {"strategy": "ratio", "ratio": 0.5}, "min_params": 0}}
+    distilled = {"finetune": {"epochs": 1, "batch_size": 16, "distill": 1.0, "teacher_stage": 0}}
+    run_recipe(load_recipe(tiny_recipe([train, jtucker, distilled], train_per_class=20)), quiet=True)
+    stages = tmp_path / "out" / "stages"
+    teacher = Bundle.load(stages / "00-train" / "bundle")
+    before = Bundle.load(stages / "01-jtucker" / "bundle")
+    after = Bundle.load(stages / "02-finetune" / "bundle")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    for task in teacher.tasks:  # with only the teacher's predictions to learn, the student nears them
+        assert _kl_to(teacher.models[task], after.models[task], x) < _kl_to(
+            teacher.models[task], before.models[task], x
+        )
+
+    later = {"finetune": {"epochs": 1, "distill": 0.5, "teacher_stage": 1}}
+    with pytest.raises(
+        ValueError, match=r"teacher_stage: expected the index of an earlier stage \(0 to 0\), got 1"
+    ):
+        run_recipe(load_recipe(tiny_recipe([train, later], train_per_class=20)), quiet=True)
+    for options, message in (
+        ({"distill": 0.5}, "teacher_stage: distill needs the index of the stage"),
+        ({"distill": 2.0, "teacher_stage": 0}, r"distill: expected a number in \[0, 1\], got 2.0"),
+        ({"temperature": 0}, "temperature: expected a number > 0, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=rf"stages\[1\]\.finetune\.?.*{message}"):
+            load_recipe(tiny_recipe([train, {"finetune": options}], train_per_class=20))

@@ -175,6 +175,7 @@ def run_recipe(
                 load_data=load_data,
                 quiet=quiet,
                 data_root=recipe.data_root,
+                load_checkpoint=lambda k: Bundle.load(_stage_dir(out, k, recipe.stages[k].name) / "bundle"),
             )
             ctx.folder.mkdir()
             result: StageResult = stage.fn(bundle, call.config, ctx)

@@ -50,6 +50,9 @@ class StageContext:
         The run's output folder, for results meant to be found there (an exported bundle).
     quiet
         No progress bars when true.
+    load_checkpoint
+        ``index -> Bundle``: the bundle an earlier stage of this run wrote (e.g. the task models
+        before compression, as teachers to distil from).
     """
 
     seed: int
@@ -59,10 +62,25 @@ class StageContext:
     load_data: Callable[[str], TaskData]
     quiet: bool = False
     data_root: str | None = None
+    load_checkpoint: Callable[[int], Bundle] | None = None
 
     def data(self, task: str) -> TaskData:
         """The task's data (loaded once per run)."""
         return self.load_data(task)
+
+    def checkpoint(self, index: int, field: str) -> Bundle:
+        """The bundle stage ``index`` wrote; ``field`` names the option that asked, for errors.
+
+        Raises
+        ------
+        ValueError
+            If ``index`` is not an earlier stage of this run.
+        """
+        if not 0 <= index < self.index or self.load_checkpoint is None:
+            raise ValueError(
+                f"{field}: expected the index of an earlier stage (0 to {self.index - 1}), got {index}"
+            )
+        return self.load_checkpoint(index)
 
     def progress(self, iterable: Iterable, *, total: int | None = None, desc: str = "") -> Iterable:
         """``iterable`` wrapped in a progress bar, unless quiet."""

@@ -1,4 +1,5 @@
-"""Stages ``train`` and ``finetune``: per task, or jointly with interleaved batches."""
+"""Stages ``train`` and ``finetune``: per task, or jointly with interleaved batches, optionally
+distilling from the task models an earlier stage wrote (``distill``, ``teacher_stage``)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,51 @@ from dataclasses import dataclass
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.registry import register_stage
 from jtucker_plugin.recipe.stage import StageContext, StageResult
-from jtucker_plugin.train import FitConfig, fit
+from jtucker_plugin.train import Distillation, FitConfig, fit
 
 
 @dataclass(frozen=True)
-class TrainConfig(FitConfig):
+class FinetuneConfig(FitConfig):
+    """``finetune``: a ``FitConfig``, plus distillation from an earlier stage's task models."""
+
+    # distill: weight of the teachers' softened predictions in the loss (0: labels only);
+    # teacher_stage: index of the stage whose bundle holds the teachers (e.g. the fine-tuned
+    # dense models before compression)
+    distill: float = 0.0
+    teacher_stage: int | None = None
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"distill: expected a number in [0, 1], got {self.distill}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected a number > 0, got {self.temperature}")
+        if self.distill and self.teacher_stage is None:
+            raise ValueError("teacher_stage: distill needs the index of the stage whose models teach")
+
+
+@dataclass(frozen=True)
+class TrainConfig(FinetuneConfig):
     """``train``: longer and at a higher learning rate than ``finetune`` by default."""
 
     epochs: int = 10
     lr: float = 0.1
 
 
-def _fit_stage(bundle: Bundle, config: FitConfig, ctx: StageContext) -> StageResult:
+def _fit_stage(bundle: Bundle, config: FinetuneConfig, ctx: StageContext) -> StageResult:
     tasks = list(config.tasks or bundle.tasks)
+    distill = None
+    if config.distill:
+        teachers = ctx.checkpoint(config.teacher_stage, "teacher_stage").models
+        distill = Distillation(teachers, config.distill, config.temperature)
     losses = fit(
         bundle.models,
         {t: ctx.data(t) for t in tasks},
         config,
         seed=ctx.seed,
         progress=ctx.progress,
+        distill=distill,
     )
     return StageResult(bundle, {"tasks": {t: {"train_loss": v} for t, v in losses.items()}})
 
@@ -36,7 +63,7 @@ def train(bundle: Bundle, config: TrainConfig, ctx: StageContext) -> StageResult
     return _fit_stage(bundle, config, ctx)
 
 
-@register_stage("finetune", config=FitConfig)
-def finetune(bundle: Bundle, config: FitConfig, ctx: StageContext) -> StageResult:
+@register_stage("finetune", config=FinetuneConfig)
+def finetune(bundle: Bundle, config: FinetuneConfig, ctx: StageContext) -> StageResult:
     """Fine-tune every task model on its own data (joint: true interleaves all tasks)."""
     return _fit_stage(bundle, config, ctx)
