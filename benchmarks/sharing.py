@@ -76,7 +76,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from joint_vs_individual import (  # noqa: E402  (same folder: run as a script)
+import joint_vs_individual  # noqa: E402  (same folder: run as a script)
+from joint_vs_individual import (  # noqa: E402
+    _OVERRIDES,
     CIFAR,
     SCENARIOS,
     Scenario,
@@ -106,20 +108,15 @@ OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank")
 INT8_TARGET = 20.0
 PLOT_TOP_PP = 6.0
 CALIBRATION_BATCHES = 4
-_OVERRIDES = ("train_per_class", "test_per_class", "base_epochs", "finetune_epochs")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Sizes, schedules and sweeps of one run."""
+class Settings(joint_vs_individual.Settings):
+    """``joint_vs_individual``'s sizes and schedules (its VGG backbone, so the cache is shared),
+    smaller, and the sweeps of the sharing methods."""
 
     train_per_class: int = 200
     test_per_class: int = 150
-    base_epochs: int = 3
-    base_lr: float = 0.02
-    finetune_epochs: int = 2
-    finetune_lr: float = 0.01
-    batch_size: int = 64
     # Points around the 1 pp frontier of this short recovery: milder budgets lost 20-30 pp.
     budgets: tuple[float, ...] = (0.8, 0.6, 0.4)  # tucker, jtucker
     # counted with the cores as stored: 1/3 stores about what hard sharing does
@@ -130,11 +127,6 @@ class Settings:
     core_density: float = 0.05
     task_rank: int = 2
     l1: float = 1e-4
-    # vgg scenario: its CIFAR-10 backbone (joint_vs_individual's, so the cache is shared)
-    vgg_width: float = 0.25
-    pretrain_per_class: int = 1000
-    pretrain_epochs: int = 15
-    seed: int = 0
 
 
 QUICK = Settings(
@@ -156,13 +148,12 @@ def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def int8(bundle: Bundle, data: dict[str, TaskData], s: Settings) -> tuple[dict[str, float], int]:
+def int8(
+    bundle: Bundle, data: dict[str, TaskData], calibration: dict[str, list]
+) -> tuple[dict[str, float], int]:
     """Accuracy per task and tensor bytes of the bundle through Intel Neural Compressor's static int8."""
     from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
-    calibration = {
-        t: calibration_batches(d, t, CALIBRATION_BATCHES, s.batch_size, s.seed) for t, d in data.items()
-    }
     shapes = {t: tuple(bundle.info[t].input_shape) for t in bundle.tasks}
     result = quantize_tasks(bundle.models, "int8_static", shapes, calibration=calibration)
     acc = {t: evaluate(result.models[t], data[t].test)["accuracy"] for t in bundle.tasks}
@@ -317,6 +308,9 @@ def run(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     distill = Distillation(copy.deepcopy(base.models), weight=args.distill) if args.distill else None
+    calibration = {  # the same int8 calibration batches for every bundle
+        t: calibration_batches(d, t, CALIBRATION_BATCHES, s.batch_size, s.seed) for t, d in data.items()
+    }
     dense = copy.deepcopy(base)
     fit(dense.models, data, recovery, seed=s.seed, distill=distill)
     ref = accuracies(dense, data)
@@ -340,7 +334,7 @@ def run(args: argparse.Namespace) -> None:
             "seconds": round(seconds),
         }
         if args.int8:
-            acc8, bytes8 = int8(bundle, data, s)
+            acc8, bytes8 = int8(bundle, data, calibration)
             row.update(
                 cr_int8_bytes=round(dense_bytes / bytes8, 4),
                 int8_bytes=bytes8,

@@ -77,10 +77,11 @@ class Distillation:
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        # Named as the train / finetune stages' options, which are checked here too.
         if not 0 <= self.weight <= 1:
-            raise ValueError(f"distill weight: expected a number in [0, 1], got {self.weight}")
+            raise ValueError(f"distill: expected a number in [0, 1], got {self.weight}")
         if self.temperature <= 0:
-            raise ValueError(f"distill temperature: expected a number > 0, got {self.temperature}")
+            raise ValueError(f"temperature: expected a number > 0, got {self.temperature}")
 
 
 def unique_parameters(models: Iterable[nn.Module]) -> list[nn.Parameter]:

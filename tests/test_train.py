@@ -53,9 +53,9 @@ def test_distillation_pulls_the_student_to_its_teacher_and_leaves_the_teacher_al
 
 def test_bad_distillation_settings_are_named():
     teacher = create_model("resnet8", 4, width=0.5, seed=1)
-    with pytest.raises(ValueError, match=r"distill weight: expected a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"distill: expected a number in \[0, 1\], got 1.5"):
         Distillation({"t": teacher}, weight=1.5)
-    with pytest.raises(ValueError, match="distill temperature: expected a number > 0, got 0"):
+    with pytest.raises(ValueError, match="temperature: expected a number > 0, got 0"):
         Distillation({"t": teacher}, temperature=0)
     student = create_model("resnet8", 4, width=0.5, seed=2)
     with pytest.raises(ValueError, match=r"distill: no teacher model for task\(s\) \['t'\]"):

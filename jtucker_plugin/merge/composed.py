@@ -255,10 +255,7 @@ class HybridLayer(ComposedLayer):
     @property
     def numel(self) -> int:
         """Entries of the flattened ``[weight, bias]``: what the delta indexes."""
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n + (self.weight_shape[0] if self.shared_bias is not None else 0)
+        return math.prod(self.weight_shape) + (self.weight_shape[0] if self.shared_bias is not None else 0)
 
     @property
     def nnz(self) -> int:

@@ -24,10 +24,7 @@ class FinetuneConfig(FitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.distill <= 1:
-            raise ValueError(f"distill: expected a number in [0, 1], got {self.distill}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected a number > 0, got {self.temperature}")
+        Distillation({}, self.distill, self.temperature)  # checks distill and temperature
         if self.distill and self.teacher_stage is None:
             raise ValueError("teacher_stage: distill needs the index of the stage whose models teach")
 
