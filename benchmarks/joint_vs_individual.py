@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import math
 import os
 import platform
@@ -64,6 +62,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from common import log, write_results  # noqa: E402  (same folder: run as a script)
 
 from jtucker_plugin import defaults  # noqa: E402
 from jtucker_plugin.data import DataSpec, TaskData, load_task_data  # noqa: E402
@@ -168,10 +168,6 @@ def task_specs(s: Settings) -> dict[str, DataSpec]:
         ),
         "fashion": DataSpec(dataset="fashionmnist", root=".", image_size=32, channels=3, **caps),
     }
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def pretrain_vgg(scenario: Scenario, s: Settings, data_dir: Path, work_dir: Path) -> Path:
@@ -292,6 +288,28 @@ def ratio_at_drop(points: list[tuple[float, float]], limit: float = LIMIT_PP) ->
     return {"best": max(meeting) if meeting else None, "interp": interp}
 
 
+def task_models(
+    scenario: Scenario, s: Settings, data_dir: Path, work_dir: Path
+) -> tuple[dict[str, TaskData], Bundle]:
+    """Every task's data and the task models: the backbone fine-tuned on each task."""
+    data = {
+        t: load_task_data(spec, data_dir, seed=s.seed, cache_dir=work_dir / "cache")
+        for t, spec in task_specs(s).items()
+    }
+    log("data: " + ", ".join(f"{t} {len(d.train)} train / {len(d.test)} test" for t, d in data.items()))
+    if scenario.weights is not None:
+        weights = data_dir / scenario.weights
+    else:
+        weights = pretrain_vgg(scenario, s, data_dir, work_dir)
+    base = base_bundle(scenario, s, data, weights)
+    t0 = time.perf_counter()
+    fit(
+        base.models, data, FitConfig(epochs=s.base_epochs, lr=s.base_lr, batch_size=s.batch_size), seed=s.seed
+    )
+    log(f"task models: {fmt(accuracies(base, data))} ({time.perf_counter() - t0:.0f} s)")
+    return data, base
+
+
 def run(args: argparse.Namespace) -> None:
     s = QUICK if args.quick else Settings()
     if args.budgets:
@@ -307,22 +325,8 @@ def run(args: argparse.Namespace) -> None:
     tag = f"joint_vs_individual-{args.scenario}{'-quick' if args.quick else ''}-pt{version}-cpu"
     log(f"{tag}: settings {s}, threads {args.threads}")
 
-    cache = args.work_dir / "cache"
-    data = {
-        t: load_task_data(spec, data_dir, seed=s.seed, cache_dir=cache) for t, spec in task_specs(s).items()
-    }
-    log("data: " + ", ".join(f"{t} {len(d.train)} train / {len(d.test)} test" for t, d in data.items()))
-    if scenario.weights is not None:
-        weights = data_dir / scenario.weights
-    else:
-        weights = pretrain_vgg(scenario, s, data_dir, args.work_dir)
-    base = base_bundle(scenario, s, data, weights)
-    t0 = time.perf_counter()
-    fit(
-        base.models, data, FitConfig(epochs=s.base_epochs, lr=s.base_lr, batch_size=s.batch_size), seed=s.seed
-    )
+    data, base = task_models(scenario, s, data_dir, args.work_dir)
     base_acc = accuracies(base, data)
-    log(f"task models: {fmt(base_acc)} ({time.perf_counter() - t0:.0f} s)")
 
     steps = min(math.ceil(len(d.train) / s.batch_size) for d in data.values())
     recovery = FitConfig(
@@ -387,11 +391,12 @@ def run(args: argparse.Namespace) -> None:
 
     summary = summarise(rows, methods)
     env = environment(args, s, started)
-    write(
+    write_results(
         args.out,
         tag,
         rows,
         {"summary": summary, "base_accuracy": base_acc, "reference_accuracy": ref, "environment": env},
+        plot=plot_curves,
     )
     print_table(rows, summary, list(data))
 
@@ -426,22 +431,6 @@ def environment(args: argparse.Namespace, s: Settings, started: float) -> dict[s
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
         "total_seconds": round(time.perf_counter() - started),
     }
-
-
-def write(
-    out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any], *, plot: Callable | None = None
-) -> None:
-    """``<tag>.csv`` of the rows, ``<tag>.json`` of ``extra`` and ``<tag>.png`` drawn by ``plot``."""
-    plot = plot or plot_curves
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / f"{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{tag}.json").write_text(json.dumps(extra, indent=1))
-    plot(out / f"{tag}.png", rows, tag)
-    log(f"wrote {out / tag}.csv, .json, .png")
 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]], title: str) -> None:

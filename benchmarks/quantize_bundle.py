@@ -45,8 +45,6 @@ Run from the repository root (the recipe's ``output`` is relative to it).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import platform
@@ -60,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_results
 from torch import nn
 
 from jtucker_plugin import defaults
@@ -330,17 +329,6 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def write(out: Path, tag: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / f"{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{tag}.json").write_text(json.dumps(env, indent=1))
-    log(f"wrote {out / tag}.csv and .json")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared = ROOT.parent / "shared" / "data"
@@ -393,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         f"and output channel): {floor:,} bytes, {dense / floor:.2f}x"
     )
     version = torch.__version__.split("+")[0]
-    write(args.out, f"quantize_bundle-resnet20-pt{version}-cpu", rows, env)
+    write_results(args.out, f"quantize_bundle-resnet20-pt{version}-cpu", rows, env)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import itertools
-import json
 import os
 import platform
 import sys
@@ -56,6 +54,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from common import write_results  # noqa: E402  (same folder: run as a script)
 
 from jtucker_plugin import defaults  # noqa: E402
 from jtucker_plugin.data import DataSpec, iterate_batches, load_task_data  # noqa: E402
@@ -204,7 +204,7 @@ def main() -> None:
         print("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
     seed = f"-seed{args.seed}" if args.seed else ""
     tag = f"rank_search-resnet56{seed}-pt{torch.__version__.split('+')[0]}-cpu"
-    _write(args.out, tag, rows, {**env, **extras})
+    write_results(args.out, tag, [{c: r.get(c) for c in COLUMNS} for r in rows], {**env, **extras})
 
 
 def _decompose(
@@ -266,16 +266,6 @@ def _environment(args: argparse.Namespace, started: float) -> dict[str, Any]:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "total_seconds": round(time.perf_counter() - started),
     }
-
-
-def _write(out: Path, tag: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{tag}.json").write_text(json.dumps(extra, indent=1))
-    print(f"\nwrote {out / tag}.csv, .json")
 
 
 def _cell(value: object) -> str:

@@ -77,23 +77,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import joint_vs_individual  # noqa: E402  (same folder: run as a script)
+from common import log, write_results  # noqa: E402
 from joint_vs_individual import (  # noqa: E402
     _OVERRIDES,
     CIFAR,
     SCENARIOS,
     Scenario,
     accuracies,
-    base_bundle,
     fmt,
-    log,
-    pretrain_vgg,
     ratio_at_drop,
-    task_specs,
-    write,
+    task_models,
 )
 
 from jtucker_plugin import defaults  # noqa: E402
-from jtucker_plugin.data import TaskData, load_task_data  # noqa: E402
+from jtucker_plugin.data import TaskData  # noqa: E402
 from jtucker_plugin.decompose.apply import decompose_bundle  # noqa: E402
 from jtucker_plugin.decompose.ranks import Budget, BudgetConfig, select_ranks  # noqa: E402
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores  # noqa: E402
@@ -283,22 +280,7 @@ def run(args: argparse.Namespace) -> None:
     tag = f"sharing-{args.scenario}{distilled}{'-quick' if args.quick else ''}-pt{version}-cpu"
     log(f"{tag}: {s}, threads {args.threads}")
 
-    data_dir = args.data_dir.resolve()
-    data = {
-        t: load_task_data(spec, data_dir, seed=s.seed, cache_dir=args.work_dir / "cache")
-        for t, spec in task_specs(s).items()
-    }
-    log("data: " + ", ".join(f"{t} {len(d.train)} train / {len(d.test)} test" for t, d in data.items()))
-    if scenario.weights is not None:
-        weights = data_dir / scenario.weights
-    else:
-        weights = pretrain_vgg(scenario, s, data_dir, args.work_dir)
-    base = base_bundle(scenario, s, data, weights)
-    t0 = time.perf_counter()
-    fit(
-        base.models, data, FitConfig(epochs=s.base_epochs, lr=s.base_lr, batch_size=s.batch_size), seed=s.seed
-    )
-    log(f"task models: {fmt(accuracies(base, data))} ({time.perf_counter() - t0:.0f} s)")
+    data, base = task_models(scenario, s, args.data_dir.resolve(), args.work_dir)
     dense_bytes = data_bytes(base.stored_tensors())
 
     steps = min(math.ceil(len(d.train) / s.batch_size) for d in data.values())
@@ -365,7 +347,9 @@ def run(args: argparse.Namespace) -> None:
 
     summary = summarise(rows, methods)
     env = environment(args, s, started)
-    write(args.out, tag, rows, {"summary": summary, "reference_accuracy": ref, "environment": env}, plot=plot)
+    write_results(
+        args.out, tag, rows, {"summary": summary, "reference_accuracy": ref, "environment": env}, plot=plot
+    )
     print_table(rows, summary, list(data))
 
 

@@ -62,30 +62,54 @@ def test_bad_distillation_settings_are_named():
         fit({"t": student}, {"t": _data(3)}, CONFIG, distill=Distillation({"other": teacher}))
 
 
-def test_finetune_stage_distils_from_an_earlier_stage_and_names_bad_options(tiny_recipe, tmp_path):
-    train = {"train": {"epochs": 2, "batch_size": 16, "lr": 0.05}}
-    jtucker = {"jtucker": {"ranks": {"strategy": "ratio", "ratio": 0.5}, "min_params": 0}}
-    distilled = {"finetune": {"epochs": 1, "batch_size": 16, "distill": 1.0, "teacher_stage": 0}}
-    run_recipe(load_recipe(tiny_recipe([train, jtucker, distilled], train_per_class=20)), quiet=True)
-    stages = tmp_path / "out" / "stages"
-    teacher = Bundle.load(stages / "00-train" / "bundle")
-    before = Bundle.load(stages / "01-jtucker" / "bundle")
-    after = Bundle.load(stages / "02-finetune" / "bundle")
-    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(4))
-    for task in teacher.tasks:  # with only the teacher's predictions to learn, the student nears them
-        assert _kl_to(teacher.models[task], after.models[task], x) < _kl_to(
-            teacher.models[task], before.models[task], x
-        )
+TRAIN = {"train": {"epochs": 2, "batch_size": 16, "lr": 0.05}}
 
-    later = {"finetune": {"epochs": 1, "distill": 0.5, "teacher_stage": 1}}
-    with pytest.raises(
-        ValueError, match=r"teacher_stage: expected the index of an earlier stage \(0 to 0\), got 1"
-    ):
-        run_recipe(load_recipe(tiny_recipe([train, later], train_per_class=20)), quiet=True)
+
+def _mean_kl_to_teachers(out_dir, stage: str) -> float:
+    stages = out_dir / "out" / "stages"
+    teacher, student = Bundle.load(stages / "00-train" / "bundle"), Bundle.load(stages / stage / "bundle")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    return sum(_kl_to(teacher.models[t], student.models[t], x) for t in teacher.tasks) / len(teacher.tasks)
+
+
+@pytest.mark.parametrize(
+    ("compress", "recover"),
+    [
+        (
+            {"jtucker": {"ranks": {"strategy": "ratio", "ratio": 0.5}, "min_params": 0}},
+            {"finetune": {"epochs": 3, "batch_size": 16}},
+        ),
+        (None, {"hybrid": {"density": 0.02, "epochs": 3, "batch_size": 16}}),
+    ],
+    ids=["finetune", "hybrid"],
+)
+def test_stages_distil_from_an_earlier_stage(tiny_recipe, tmp_path, compress, recover):
+    # The same recipe with and without distill: only the teachers' pull tells them apart.
+    (name, options), stages = next(iter(recover.items())), [TRAIN, *([compress] if compress else [])]
+    last = f"{len(stages):02d}-{name}"
+    kl = {}
+    for weight in (0.0, 1.0):
+        distill = {"distill": weight, "teacher_stage": 0} if weight else {}
+        out = tmp_path / f"distill{weight}"
+        out.mkdir()
+        recipe = tiny_recipe([*stages, {name: {**options, **distill}}], train_per_class=20)
+        run_recipe(load_recipe(recipe), quiet=True, output=out / "out")
+        kl[weight] = _mean_kl_to_teachers(out, last)
+    assert kl[1.0] < 0.8 * kl[0.0]
+
+
+def test_bad_distillation_options_are_named_when_the_recipe_loads(tiny_recipe):
     for options, message in (
-        ({"distill": 0.5}, "teacher_stage: distill needs the index of the stage"),
+        ({"distill": 0.5}, r"teacher_stage: distill needs the index of the stage"),
         ({"distill": 2.0, "teacher_stage": 0}, r"distill: expected a number in \[0, 1\], got 2.0"),
-        ({"temperature": 0}, "temperature: expected a number > 0, got 0"),
+        ({"temperature": 0}, r"temperature: expected a number > 0, got 0"),
+        ({"distill": 0.5, "teacher_stage": 1}, r"teacher_stage: expected .* earlier stage \(0 to 0\), got 1"),
     ):
-        with pytest.raises(ConfigError, match=rf"stages\[1\]\.finetune\.?.*{message}"):
-            load_recipe(tiny_recipe([train, {"finetune": options}], train_per_class=20))
+        with pytest.raises(ConfigError, match=rf"stages\[1\]\.finetune\.{message}"):
+            load_recipe(tiny_recipe([TRAIN, {"finetune": options}], train_per_class=20))
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.hybrid\.teacher_stage: .*\(none: this is the first stage\)"
+    ):
+        load_recipe(tiny_recipe([{"hybrid": {"density": 0.1, "distill": 0.5, "teacher_stage": 0}}]))
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.hybrid\.joint: .*trains all tasks jointly"):
+        load_recipe(tiny_recipe([{"hybrid": {"density": 0.1, "joint": False}}]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,8 @@ def _parse(data: Any) -> Recipe:
     if not isinstance(data["stages"], list):
         raise ConfigError("stages", f"expected a list of stages, got {data['stages']!r}")
     stages = [_parse_stage(entry, f"stages[{i}]") for i, entry in enumerate(data["stages"])]
+    for i, call in enumerate(stages):
+        _check_stage_references(call, i)
     return Recipe(tasks=tasks, stages=stages, **to_dict(top))
 
 
@@ -158,6 +160,18 @@ def _parse_stage(entry: Any, path: str) -> StageCall:
     except KeyError as err:
         raise ConfigError(path, err.args[0]) from None
     return StageCall(stage.name, from_dict(stage.config, params, join_path(path, stage.name)))
+
+
+def _check_stage_references(call: StageCall, index: int) -> None:
+    # Options named ``*_stage`` (e.g. ``teacher_stage``) read the checkpoint of an earlier stage.
+    for f in fields(call.config) if is_dataclass(call.config) else ():
+        value = getattr(call.config, f.name)
+        if f.name.endswith("_stage") and value is not None and not 0 <= value < index:
+            earlier = f"0 to {index - 1}" if index else "none: this is the first stage"
+            raise ConfigError(
+                f"stages[{index}].{call.name}.{f.name}",
+                f"expected the index of an earlier stage ({earlier}), got {value}",
+            )
 
 
 def check_recipe(recipe: Recipe) -> None:

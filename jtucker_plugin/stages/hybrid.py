@@ -22,12 +22,13 @@ from jtucker_plugin.merge.hybrid import check_target, hybrid_storage, hybridize,
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.registry import register_stage
 from jtucker_plugin.recipe.stage import StageContext, StageResult
-from jtucker_plugin.train import FitConfig
+from jtucker_plugin.stages.train import FinetuneConfig, distillation
 
 
 @dataclass(frozen=True)
-class HybridConfig:
-    """The target sparsity of the deltas, their schedule, the joint training and the execution."""
+class HybridConfig(FinetuneConfig):
+    """The target sparsity of the deltas, their schedule and the execution; the joint training
+    is a ``finetune`` config (always joint, all tasks), distillation included."""
 
     # target (exactly one): share of each layer's entries a task's delta keeps, or non-zeros
     # summed over all layers and tasks (the largest differences win, wherever they are)
@@ -40,19 +41,14 @@ class HybridConfig:
     init_factor: float = 4.0
     prune_epochs: int | None = None
     l1: float = defaults.HYBRID_L1
-    # joint training (as in finetune)
     epochs: int = 3
-    lr: float = 0.01
-    batch_size: int = FitConfig.batch_size
-    max_batches: int | None = None
-    momentum: float = FitConfig.momentum
-    weight_decay: float = FitConfig.weight_decay
-    label_smoothing: float = FitConfig.label_smoothing
+    joint: bool = True
     # execution: keep each task's dense weight after the first forward (fast) or rebuild it
     # at every forward (less memory); see merge.composed
     materialize: bool = defaults.MATERIALIZE
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_target(self.density, self.budget)
         if self.init_factor < 1:
             raise ValueError(f"init_factor: expected a number >= 1, got {self.init_factor}")
@@ -62,21 +58,13 @@ class HybridConfig:
             )
         if self.l1 < 0:
             raise ValueError(f"l1: expected a number >= 0, got {self.l1}")
-        # The training fields are checked where they belong.
-        self.fit_config()
-
-    def fit_config(self) -> FitConfig:
-        """The joint training of the stage."""
-        return FitConfig(
-            epochs=self.epochs,
-            max_batches=self.max_batches,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            label_smoothing=self.label_smoothing,
-            joint=True,
-        )
+        # One shared weight is trained from every task's loss, so the tasks train together.
+        if not self.joint:
+            raise ValueError("joint: the hybrid stage trains all tasks jointly; expected true")
+        if self.tasks is not None:
+            raise ValueError(
+                f"tasks: the hybrid stage trains every task (its weights are shared); got {self.tasks}"
+            )
 
 
 @register_stage("hybrid", config=HybridConfig)
@@ -98,7 +86,7 @@ def hybrid(bundle: Bundle, config: HybridConfig, ctx: StageContext) -> StageResu
     epochs = train_hybrid(
         bundle,
         {t: ctx.data(t) for t in bundle.tasks},
-        config.fit_config(),
+        config,
         names=list(made["layers"]),
         density=config.density,
         budget=config.budget,
@@ -106,6 +94,7 @@ def hybrid(bundle: Bundle, config: HybridConfig, ctx: StageContext) -> StageResu
         prune_epochs=prune_epochs,
         seed=ctx.seed,
         progress=ctx.progress,
+        distill=distillation(config, ctx),
     )
     storage = hybrid_storage(bundle)
     for name, row in made["layers"].items():

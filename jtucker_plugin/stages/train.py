@@ -37,19 +37,23 @@ class TrainConfig(FinetuneConfig):
     lr: float = 0.1
 
 
+def distillation(config: FinetuneConfig, ctx: StageContext) -> Distillation | None:
+    """The config's distillation, its teachers loaded from the checkpoint of ``teacher_stage``."""
+    if not config.distill:
+        return None
+    teachers = ctx.checkpoint(config.teacher_stage, "teacher_stage").models
+    return Distillation(teachers, config.distill, config.temperature)
+
+
 def _fit_stage(bundle: Bundle, config: FinetuneConfig, ctx: StageContext) -> StageResult:
     tasks = list(config.tasks or bundle.tasks)
-    distill = None
-    if config.distill:
-        teachers = ctx.checkpoint(config.teacher_stage, "teacher_stage").models
-        distill = Distillation(teachers, config.distill, config.temperature)
     losses = fit(
         bundle.models,
         {t: ctx.data(t) for t in tasks},
         config,
         seed=ctx.seed,
         progress=ctx.progress,
-        distill=distill,
+        distill=distillation(config, ctx),
     )
     return StageResult(bundle, {"tasks": {t: {"train_loss": v} for t, v in losses.items()}})
 
