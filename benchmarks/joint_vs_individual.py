@@ -73,7 +73,8 @@ from jtucker_plugin.decompose.apply import (  # noqa: E402
     find_layers,
     layer_infos,
 )
-from jtucker_plugin.decompose.ranks import Budget, BudgetConfig, select_ranks  # noqa: E402
+from jtucker_plugin.decompose.budget import Budget, BudgetConfig  # noqa: E402
+from jtucker_plugin.decompose.ranks import select_ranks  # noqa: E402
 from jtucker_plugin.merge import hard_share  # noqa: E402
 from jtucker_plugin.metrics import count_parameters  # noqa: E402
 from jtucker_plugin.models import create_model  # noqa: E402
@@ -85,7 +86,7 @@ RESNET20_WEIGHTS = "weights/resnet20-12fca82f.th"
 LIMIT_PP = 1.0
 # The summary also gives the ratios at these looser drops: where the methods' order changes.
 OTHER_LIMITS_PP = (2.0, 5.0)
-_OVERRIDES = ("train_per_class", "test_per_class", "base_epochs", "finetune_epochs")
+_OVERRIDES = ("train_per_class", "test_per_class", "base_epochs", "finetune_epochs", "seed")
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,8 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     version = torch.__version__.split("+")[0]
-    tag = f"joint_vs_individual-{args.scenario}{'-quick' if args.quick else ''}-pt{version}-cpu"
+    seeded = f"-seed{s.seed}" if s.seed else ""
+    tag = f"joint_vs_individual-{args.scenario}{seeded}{'-quick' if args.quick else ''}-pt{version}-cpu"
     log(f"{tag}: settings {s}, threads {args.threads}")
 
     data, base = task_models(scenario, s, data_dir, args.work_dir)

@@ -60,12 +60,11 @@ from common import write_results  # noqa: E402  (same folder: run as a script)
 from jtucker_plugin import defaults  # noqa: E402
 from jtucker_plugin.data import DataSpec, iterate_batches, load_task_data  # noqa: E402
 from jtucker_plugin.decompose.apply import decompose_bundle  # noqa: E402
+from jtucker_plugin.decompose.budget import Budget, allocate_budget  # noqa: E402
 from jtucker_plugin.decompose.ranks import (  # noqa: E402
-    Budget,
     EnergyConfig,
     LayerInfo,
     Ranks,
-    allocate_budget,
     select_ranks,
     tucker_params,
 )

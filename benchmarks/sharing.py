@@ -92,7 +92,8 @@ from joint_vs_individual import (  # noqa: E402
 from jtucker_plugin import defaults  # noqa: E402
 from jtucker_plugin.data import TaskData  # noqa: E402
 from jtucker_plugin.decompose.apply import decompose_bundle  # noqa: E402
-from jtucker_plugin.decompose.ranks import Budget, BudgetConfig, select_ranks  # noqa: E402
+from jtucker_plugin.decompose.budget import Budget, BudgetConfig  # noqa: E402
+from jtucker_plugin.decompose.ranks import select_ranks  # noqa: E402
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores  # noqa: E402
 from jtucker_plugin.merge.hybrid import hybridize, train_hybrid  # noqa: E402
 from jtucker_plugin.merge.share import hard_share  # noqa: E402
@@ -270,14 +271,25 @@ def run(args: argparse.Namespace) -> None:
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
     if args.shared_core_budgets:
         overrides["shared_core_budgets"] = tuple(args.shared_core_budgets)
+    if args.core_density is not None:
+        overrides["core_density"] = args.core_density
     s = replace(s, **overrides)
     methods = list(METHODS) if args.methods is None else args.methods
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     version = torch.__version__.split("+")[0]
     scenario = SCENARIOS[args.scenario]
-    distilled = f"-distill{args.distill:g}" if args.distill else ""
-    tag = f"sharing-{args.scenario}{distilled}{'-quick' if args.quick else ''}-pt{version}-cpu"
+    budgets = "-".join(f"{b:g}" for b in args.shared_core_budgets or ())
+    variant = "".join(
+        (
+            f"-distill{args.distill:g}" if args.distill else "",
+            f"-density{args.core_density:g}" if args.core_density is not None else "",
+            f"-budgets{budgets}" if budgets else "",
+            f"-seed{s.seed}" if s.seed else "",
+            "-quick" if args.quick else "",
+        )
+    )
+    tag = f"sharing-{args.scenario}{variant}-pt{version}-cpu"
     log(f"{tag}: {s}, threads {args.threads}")
 
     data, base = task_models(scenario, s, args.data_dir.resolve(), args.work_dir)
@@ -456,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the setting")
     parser.add_argument(
         "--shared-core-budgets", type=float, nargs="+", help="the sweep of jtucker_sparse / jtucker_taskrank"
+    )
+    parser.add_argument(
+        "--core-density", type=float, help="jtucker_sparse: the cores' delta density (0: one shared core)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")

@@ -26,7 +26,6 @@ from PIL import Image
 from jtucker_plugin.data import (
     DEFAULT_MEAN,
     DEFAULT_STD,
-    FASHION_MNIST_CLASSES,
     ArrayDataset,
     DataSpec,
     TaskData,
@@ -35,6 +34,7 @@ from jtucker_plugin.data import (
     load_task_data,
     required_paths,
 )
+from jtucker_plugin.data_sources import FASHION_MNIST_CLASSES
 from jtucker_plugin.recipe.schema import ConfigError, from_dict
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

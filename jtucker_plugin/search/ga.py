@@ -30,7 +30,8 @@ the deterministic, cached, parallel evaluation of an unpicklable closure.
 Examples
 --------
 >>> import torch
->>> from jtucker_plugin.decompose.ranks import Budget, LayerInfo, select_ranks
+>>> from jtucker_plugin.decompose.budget import Budget
+>>> from jtucker_plugin.decompose.ranks import LayerInfo, select_ranks
 >>> layer = LayerInfo("conv", 16, 16, (3, 3), 2, torch.ones(16), torch.ones(16))
 >>> config = GAConfig(budget=Budget(params=0.5), generations=3, progress=False)
 >>> ranks = select_ranks(config, [layer], evaluate=lambda r: sum(r["conv"]) / 32, seed=0)
@@ -51,11 +52,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from jtucker_plugin.decompose.budget import Budget, allocate_budget
 from jtucker_plugin.decompose.ranks import (
-    Budget,
     LayerInfo,
     Ranks,
-    allocate_budget,
     register_rank_strategy,
     tucker_macs,
     tucker_params,

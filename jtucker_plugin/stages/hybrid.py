@@ -5,10 +5,12 @@ target runs between its epochs, which a separate ``finetune`` stage could not do
 start with ``init_factor`` times the target's non-zeros (the largest differences from the
 tasks' mean), shrink over ``prune_epochs`` epochs under an L1 penalty, and train with fixed
 masks for the remaining epochs. A later ``finetune: {joint: true}`` stage keeps the masks (the
-stored positions cannot grow) and only trains values, shared weights, batch norm and heads::
+stored positions cannot grow) and only trains values, shared weights, batch norm and heads.
+The training takes every option of ``finetune``, distillation from an earlier stage included::
 
     stages:
-      - hybrid:   {density: 0.05, keep_per_task: ["conv1"], epochs: 4, lr: 0.01}
+      - finetune: {epochs: 2}            # stage 0: the dense task models, the teachers below
+      - hybrid:   {density: 0.05, keep_per_task: ["conv1"], epochs: 4, distill: 0.5, teacher_stage: 0}
       - evaluate: {}
 """
 
@@ -41,6 +43,7 @@ class HybridConfig(FinetuneConfig):
     init_factor: float = 4.0
     prune_epochs: int | None = None
     l1: float = defaults.HYBRID_L1
+    # training: the finetune options (lr, batch_size, distill, ...), longer, always joint
     epochs: int = 3
     joint: bool = True
     # execution: keep each task's dense weight after the first forward (fast) or rebuild it

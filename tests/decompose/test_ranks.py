@@ -12,18 +12,14 @@ import pytest
 import torch
 
 from jtucker_plugin.decompose import ranks
+from jtucker_plugin.decompose.budget import Budget, BudgetConfig, allocate_budget
 from jtucker_plugin.decompose.ranks import (
-    Budget,
-    BudgetConfig,
     EnergyConfig,
     FixedConfig,
     LayerInfo,
     RatioConfig,
-    VBMFConfig,
-    allocate_budget,
     energy_kept,
     energy_rank,
-    evbmf,
     list_rank_strategies,
     rank_config_from_dict,
     register_rank_strategy,
@@ -31,6 +27,7 @@ from jtucker_plugin.decompose.ranks import (
     tucker_macs,
     tucker_params,
 )
+from jtucker_plugin.decompose.vbmf import VBMFConfig, evbmf
 from jtucker_plugin.recipe.schema import ConfigError, to_dict
 
 BUILTINS = ["budget", "energy", "fixed", "ratio", "vbmf"]

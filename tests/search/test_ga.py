@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import tiny_recipe_data
 
+from jtucker_plugin.decompose.budget import Budget
 from jtucker_plugin.decompose.layers import TuckerConv2d
 from jtucker_plugin.decompose.ranks import (
-    Budget,
     LayerInfo,
     energy_kept,
     list_rank_strategies,
