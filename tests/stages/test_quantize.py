@@ -153,19 +153,15 @@ def test_unknown_scheme_or_toolkit_is_reported_at_its_field(tmp_path):
         QuantizeConfig(scheme="weight_only_rtn", bits=16)
 
 
-def test_missing_calibration_data_is_a_clear_error_and_nothing_is_written(tmp_path):
+def _digits_bundle() -> Bundle:
     model = create_model("resnet8", 3, in_channels=1, width=0.5, seed=0)
-    bundle = Bundle(
+    return Bundle(
         {"t": model}, {"t": TaskInfo(arch="resnet8", num_classes=3, in_channels=1, input_shape=(1, 8, 8))}
     )
-    empty = ArrayDataset(
-        torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), (0.5,), (0.5,)
-    )
-    test = ArrayDataset(
-        torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), (0.5,), (0.5,)
-    )
-    data = TaskData(train=empty, val=None, test=test, class_names=["a", "b", "c"])
-    ctx = StageContext(
+
+
+def _context(tmp_path, data: TaskData) -> StageContext:
+    return StageContext(
         seed=0,
         index=0,
         folder=tmp_path / "files",
@@ -174,16 +170,22 @@ def test_missing_calibration_data_is_a_clear_error_and_nothing_is_written(tmp_pa
         quiet=True,
     )
 
+
+def test_missing_calibration_data_is_a_clear_error_and_nothing_is_written(tmp_path):
+    empty = ArrayDataset(
+        torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), (0.5,), (0.5,)
+    )
+    test = ArrayDataset(
+        torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), (0.5,), (0.5,)
+    )
+    data = TaskData(train=empty, val=None, test=test, class_names=["a", "b", "c"])
+
     with pytest.raises(ValueError, match="task 't' has no training images to calibrate on"):
-        quantize(bundle, QuantizeConfig(), ctx)
+        quantize(_digits_bundle(), QuantizeConfig(), _context(tmp_path, data))
     assert not (tmp_path / "out").exists()
 
 
 def test_weight_only_rtn_through_the_stage(tmp_path):
-    model = create_model("resnet8", 3, in_channels=1, width=0.5, seed=0)
-    bundle = Bundle(
-        {"t": model}, {"t": TaskInfo(arch="resnet8", num_classes=3, in_channels=1, input_shape=(1, 8, 8))}
-    )
     data = load_task_data(
         DataSpec(
             dataset="digits",
@@ -196,16 +198,12 @@ def test_weight_only_rtn_through_the_stage(tmp_path):
         ),
         seed=0,
     )
-    ctx = StageContext(
-        seed=0,
-        index=0,
-        folder=tmp_path / "files",
-        output=tmp_path / "out",
-        load_data=lambda task: data,
-        quiet=True,
-    )
+    bundle = _digits_bundle()
+    model = bundle.models["t"]
 
-    result = quantize(bundle, QuantizeConfig(scheme="weight_only_rtn", latency=False, path=None), ctx)
+    result = quantize(
+        bundle, QuantizeConfig(scheme="weight_only_rtn", latency=False, path=None), _context(tmp_path, data)
+    )
 
     row = result.metrics["tasks"]["t"]
     assert result.bundle is bundle and type(model.linear).__name__ == "Linear"
