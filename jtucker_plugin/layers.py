@@ -30,7 +30,7 @@ _LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]
 # The plugin's own layer types, registered when their modules are imported: a bundle must load in
 # a fresh process that has imported none of them.
 _BUILTIN_MODULES = (
-    "jtucker_plugin.models",
+    "jtucker_plugin.cifar_models",
     "jtucker_plugin.decompose.layers",
     "jtucker_plugin.decompose.shared_core",
     "jtucker_plugin.merge.hybrid",

@@ -11,9 +11,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from jtucker_plugin.cifar_models import PadShortcut
 from jtucker_plugin.layers import build_layer, layer_config
 from jtucker_plugin.models import (
-    PadShortcut,
     create_model,
     head_name,
     list_models,

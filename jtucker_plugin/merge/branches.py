@@ -22,9 +22,20 @@ and the task's mixing weights, ``sum_r mix_t[r] (B_r x)``.
 
 Examples
 --------
->>> names = to_branches(models, delta="masked")     # doctest: +SKIP
->>> ... torch-pruning with customized_pruners=PRUNERS ...
->>> from_branches(models)                            # doctest: +SKIP
+>>> from jtucker_plugin.merge.hybrid import hybridize
+>>> from jtucker_plugin.models import create_model
+>>> from jtucker_plugin.multitask import Bundle, TaskInfo
+>>> models = {t: create_model("resnet8", 4, seed=i) for i, t in enumerate("ab")}
+>>> bundle = Bundle(models, {t: TaskInfo("resnet8", 4) for t in "ab"})
+>>> _ = hybridize(bundle, density=0.05, keep_per_task=["conv1"])
+>>> to_branches(models, delta="masked")[:2]  # then torch-pruning, customized_pruners=PRUNERS
+['a.layer1.0.conv1.delta', 'a.layer1.0.conv2.delta']
+>>> a, b = (m.layer1[0].conv1 for m in models.values())
+>>> type(a).__name__, a.shared is b.shared, type(a.delta).__name__
+('HybridBranches', True, 'MaskedConv2d')
+>>> from_branches(models)
+>>> type(models["a"].layer1[0].conv1).__name__
+'HybridLayer'
 """
 
 from __future__ import annotations

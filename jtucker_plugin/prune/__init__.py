@@ -1,6 +1,7 @@
 """Structured channel pruning: the naive-Bayes importance for torch-pruning, and bundle pruning."""
 
-from jtucker_plugin.prune.naive_bayes import FEATURES, NaiveBayesImportance, fit_gaussian_nb, nb_log_odds
+from jtucker_plugin.prune.gaussian_nb import fit_gaussian_nb, nb_log_odds
+from jtucker_plugin.prune.naive_bayes import FEATURES, NaiveBayesImportance
 from jtucker_plugin.prune.prune import (
     IMPORTANCES,
     BundleNet,

@@ -29,15 +29,10 @@ One classifier serves the whole model, so posteriors of different groups compare
 network), or with ``labels="consensus"``, the labels are instead the top and bottom 30% of all
 channels by their mean rank over the features (a consensus of the classic criteria).
 
-The Gaussian naive Bayes is written out here (``fit_gaussian_nb``, ``nb_log_odds``) rather than
-taken from scikit-learn, for two reasons. A group may lack a feature (no batch norm after a
-Tucker core, no gradient for frozen layers): leaving a missing feature out of the product of
-likelihoods is a one-line change here, while ``sklearn.naive_bayes.GaussianNB`` rejects NaN.
-And the classes share one variance per feature (pooled), so that the posterior is monotone in
-every feature (see ``fit_gaussian_nb``). With ``shared_variance=False`` it gives exactly
-``GaussianNB``'s posterior, which a test checks.
+The classifier is ``gaussian_nb``'s: missing features are left out of the posterior, and the
+classes share one variance per feature, so that the posterior is monotone in every feature.
 
-Groups that are not scored (``None``, which torch-pruning's pruners skip):
+Groups that are not scored (``None``, which torch-pruning's pruners skip; ``groups.is_scorable``):
 
 - groups that cross a parameter-free layer that changes the channel count, which torch-pruning
   treats as element-wise and would break. The CIFAR ResNets' option-A ``PadShortcut`` is one:
@@ -76,6 +71,15 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from jtucker_plugin import defaults
+from jtucker_plugin.prune.gaussian_nb import GaussianNB, fit_gaussian_nb, nanmean, nanvar, nb_log_odds
+from jtucker_plugin.prune.groups import (
+    BATCHNORM,
+    CONV_LINEAR,
+    consumers,
+    dependency_graph,
+    group_root_idxs,
+    is_scorable,
+)
 
 FEATURES = ("weight_l1", "weight_l2", "bn_scale", "mean_activation", "apoz", "taylor")
 # Larger means more important, except for APoZ (the share of zeros): used by the consensus labels.
@@ -85,161 +89,7 @@ _LOG_FEATURES = (0, 1, 2, 3, 5)
 _CONSENSUS_QUANTILE = 0.3
 _LABEL_CHOICES = ("masking", "consensus")
 
-_CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
-_BATCHNORM = nn.modules.batchnorm._BatchNorm
-
 Batch = tuple[Any, Any]
-
-
-# --- Gaussian naive Bayes ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GaussianNB:
-    """A fitted two-class Gaussian naive Bayes: class 0 unimportant, class 1 important.
-
-    ``log_prior`` (2,), ``mean`` and ``var`` (2 x features), all float64.
-    """
-
-    log_prior: Tensor
-    mean: Tensor
-    var: Tensor
-
-
-def fit_gaussian_nb(
-    X: Tensor,
-    y: Tensor,
-    *,
-    var_smoothing: float = defaults.NAIVE_BAYES_VAR_SMOOTHING,
-    shared_variance: bool = True,
-) -> GaussianNB:
-    """Fit a two-class Gaussian naive Bayes on ``X`` (n x features, NaN = missing), ``y`` in {0, 1}.
-
-    Per class and feature: the mean and biased variance of the non-missing values, plus
-    ``var_smoothing`` times the largest variance of any feature. With
-    ``shared_variance=False`` this is exactly ``sklearn.naive_bayes.GaussianNB``. With
-    ``shared_variance=True`` (the default) both classes get the pooled within-class variance:
-    with unequal variances the log-odds are quadratic in each feature, so a channel far outside
-    the labelled range (a dead one, a huge one) goes to whichever class is wider instead of the
-    side its values point to; pooled, the posterior is monotone in every feature. A feature a
-    class never has gets mean 0 and variance 1 (uninformative after standardisation).
-
-    Raises
-    ------
-    ValueError
-        If a class has no sample, or the shapes disagree.
-    """
-    X = X.to(torch.float64)
-    y = y.to(torch.long)
-    if X.dim() != 2 or y.shape != (X.shape[0],):
-        raise ValueError(
-            f"fit_gaussian_nb: expected X (n x f) and y (n,), got {tuple(X.shape)} and {tuple(y.shape)}"
-        )
-    counts = torch.stack([(y == c).sum() for c in (0, 1)])
-    if (counts == 0).any():
-        raise ValueError(f"fit_gaussian_nb: both classes need samples, got counts {counts.tolist()}")
-    epsilon = var_smoothing * float(torch.nan_to_num(_nanvar(X), nan=0.0).max())
-    mean = torch.stack([torch.nan_to_num(_nanmean(X[y == c]), nan=0.0) for c in (0, 1)])
-    var = torch.stack([torch.nan_to_num(_nanvar(X[y == c]), nan=1.0) for c in (0, 1)])
-    if shared_variance:
-        present = torch.stack([(~X[y == c].isnan()).sum(0) for c in (0, 1)]).double()
-        pooled = (var * present).sum(0) / present.sum(0).clamp_min(1)
-        var = pooled.expand(2, -1)
-    # A feature constant everywhere would give a zero variance: floor it.
-    var = (var + epsilon).clamp_min(1e-12)
-    return GaussianNB((counts / counts.sum()).log(), mean, var)
-
-
-def nb_log_odds(model: GaussianNB, X: Tensor) -> Tensor:
-    """log P(important | x) - log P(unimportant | x) per row of ``X``; NaN features are left out."""
-    X = X.to(torch.float64)
-    log_lik = -0.5 * (
-        (X[None] - model.mean[:, None]) ** 2 / model.var[:, None]
-        + torch.log(2 * math.pi * model.var[:, None])
-    )
-    log_lik = torch.nan_to_num(log_lik, nan=0.0).sum(-1)  # 2 x n
-    return (model.log_prior[1] + log_lik[1]) - (model.log_prior[0] + log_lik[0])
-
-
-def _nanmean(X: Tensor) -> Tensor:
-    present = ~X.isnan()
-    n = present.sum(0)
-    mean = torch.where(present, X, 0.0).sum(0) / n.clamp_min(1)
-    return torch.where(n > 0, mean, torch.nan)
-
-
-def _nanvar(X: Tensor) -> Tensor:
-    present = ~X.isnan()
-    n = present.sum(0)
-    mean = _nanmean(X)
-    var = torch.where(present, (X - mean) ** 2, 0.0).sum(0) / n.clamp_min(1)
-    return torch.where(n > 0, var, torch.nan)
-
-
-# --- group anatomy ------------------------------------------------------------------------------
-
-
-def _channels(DG: Any, dep: Any) -> int | None:
-    module = dep.target.module
-    if DG.is_out_channel_pruning_fn(dep.handler):
-        return DG.get_out_channels(module)
-    return DG.get_in_channels(module)
-
-
-def _graph(group: Any) -> Any:
-    DG = getattr(group, "_DG", None)
-    if DG is None:
-        raise TypeError(
-            "expected a torch-pruning group made by a DependencyGraph (group._DG is set by "
-            f"DependencyGraph.get_pruning_group / get_all_groups), got {type(group).__name__} without one"
-        )
-    return DG
-
-
-def crosses_channel_change(group: Any) -> bool:
-    """Whether ``group`` couples channels through a parameter-free layer that changes their count.
-
-    Torch-pruning treats such a layer (a channel zero-pad like option-A ``PadShortcut``) as
-    element-wise, so the group would cover a part of some layer's output channels only: a member
-    producing channels must cover the same share of them as the root does, or pruning the group
-    corrupts the model.
-    """
-    DG = _graph(group)
-    root_dep, root_idxs = group[0]
-    root_channels = _channels(DG, root_dep)
-    if not root_channels:
-        return False
-    for dep, idxs in group:
-        module = dep.target.module
-        if not isinstance(module, (*_CONV_LINEAR, _BATCHNORM)) or not DG.is_out_channel_pruning_fn(
-            dep.handler
-        ):
-            continue
-        channels = _channels(DG, dep)
-        if channels and len(set(idxs)) * root_channels != len(set(root_idxs)) * channels:
-            return True
-    return False
-
-
-def consumers(group: Any) -> list[tuple[nn.Module, Tensor, Tensor]]:
-    """The layers reading the group's channels: ``(module, input indices, root indices)`` each.
-
-    Only conv and linear layers count; their input dimension 1 holds the channels (one root
-    channel may map to several inputs of a linear layer after a flatten).
-    """
-    DG = _graph(group)
-    found = []
-    for i, (dep, idxs) in enumerate(group):
-        module = dep.target.module
-        if isinstance(module, _CONV_LINEAR) and DG.is_in_channel_pruning_fn(dep.handler) and len(idxs):
-            found.append((module, torch.as_tensor(list(idxs)), torch.as_tensor(list(group[i].root_idxs))))
-    return found
-
-
-def is_scorable(group: Any) -> bool:
-    """Whether channel pruning of ``group`` is safe and observable: no channel-count change
-    inside it (see ``crosses_channel_change``) and at least one layer that consumes it."""
-    return not crosses_channel_change(group) and bool(consumers(group))
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -401,13 +251,13 @@ class NaiveBayesImportance(tp.importance.Importance):
         for a group that is not scored (see ``is_scorable``)."""
         if not is_scorable(group):
             return None
-        state = self._calibrate(_graph(group))
+        state = self._calibrate(dependency_graph(group))
         features = self._standardise(group_features(group, state.stats, state.batches), state)
         return torch.sigmoid(nb_log_odds(state.classifier, features))
 
     def features(self, group: Any) -> Tensor:
         """The raw ``FEATURES`` of the group's channels (n x 6, NaN = missing), for inspection."""
-        state = self._calibrate(_graph(group))
+        state = self._calibrate(dependency_graph(group))
         return group_features(group, state.stats, state.batches)
 
     # --- one calibration per model state ---
@@ -418,11 +268,7 @@ class NaiveBayesImportance(tp.importance.Importance):
         fingerprint = _fingerprint(model)
         if self._state is not None and self._state.fingerprint == fingerprint:
             return self._state
-        groups = [
-            g
-            for g in DG.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
-            if is_scorable(g)
-        ]
+        groups = [g for g in DG.get_all_groups(root_module_types=CONV_LINEAR) if is_scorable(g)]
         if not groups:
             raise ValueError(f"NaiveBayesImportance: {type(model).__name__} has no prunable group to score")
         plans = [consumers(g) for g in groups]
@@ -475,8 +321,8 @@ class NaiveBayesImportance(tp.importance.Importance):
             floors = _log_floors(torch.cat(raw))
             logged = [_log_transform(f, floors) for f in raw]
             everything = torch.cat(logged)
-            center = _nanmean(everything)
-            scale = _nanvar(everything).sqrt().nan_to_num(1.0).clamp_min(1e-12)
+            center = nanmean(everything)
+            scale = nanvar(everything).sqrt().nan_to_num(1.0).clamp_min(1e-12)
             center = center.nan_to_num(0.0)
             standardised = [(f - center) / scale for f in logged]
             X, y, used = self._labelled(groups, plans, standardised, masks, model, device, base_loss)
@@ -512,11 +358,6 @@ class NaiveBayesImportance(tp.importance.Importance):
         return (_log_transform(raw, state.floors) - state.center) / state.scale
 
 
-def group_root_idxs(group: Any) -> list[int]:
-    """The root layer's channel indices of ``group``, in the order scores are returned."""
-    return list(group[0].idxs)
-
-
 def _probe_order(groups: Sequence[Any], probes: int, seed: int) -> list[tuple[int, int]]:
     """``probes`` (group, channel position) pairs: groups taken in turn, channels in a seeded order."""
     generator = torch.Generator().manual_seed(seed)
@@ -539,7 +380,7 @@ def _consensus_labels(X: Tensor) -> tuple[Tensor, Tensor]:
         if present.sum() > 1:
             order = X[present, j].argsort().argsort().double()
             ranks[present, j] = (order / (present.sum() - 1) - 0.5) * _FEATURE_SIGN[j]
-    consensus = _nanmean(ranks.T).nan_to_num(0.0)
+    consensus = nanmean(ranks.T).nan_to_num(0.0)
     low, high = (
         torch.quantile(consensus, _CONSENSUS_QUANTILE),
         torch.quantile(consensus, 1 - _CONSENSUS_QUANTILE),
@@ -580,7 +421,7 @@ def group_features(group: Any, stats: dict[int, _InputStats], batches: int) -> T
     scale, or the statistics of the channel at its input), mapped to the root channel through
     the group's index mapping; a feature is the mean over the members that have it.
     """
-    DG = _graph(group)
+    DG = dependency_graph(group)
     root = group_root_idxs(group)
     position = {r: i for i, r in enumerate(root)}
     sums = torch.zeros(len(root), len(FEATURES), dtype=torch.float64)
@@ -597,16 +438,16 @@ def group_features(group: Any, stats: dict[int, _InputStats], batches: int) -> T
         if not idx:
             continue
         out = DG.is_out_channel_pruning_fn(dep.handler)
-        if out and isinstance(module, _CONV_LINEAR):
+        if out and isinstance(module, CONV_LINEAR):
             weight = module.weight.detach()
             if getattr(module, "transposed", False):
                 weight = weight.transpose(0, 1)
             w = weight[idx].flatten(1).double()
             add(0, roots, w.abs().mean(1))
             add(1, roots, w.pow(2).mean(1).sqrt())
-        elif out and isinstance(module, _BATCHNORM) and module.affine:
+        elif out and isinstance(module, BATCHNORM) and module.affine:
             add(2, roots, module.weight.detach()[idx].abs().double())
-        elif not out and isinstance(module, _CONV_LINEAR) and id(module) in stats:
+        elif not out and isinstance(module, CONV_LINEAR) and id(module) in stats:
             s = stats[id(module)]
             add(3, roots, s.abs_sum[idx] / max(s.positions, 1.0))
             add(4, roots, s.zeros[idx] / max(s.positions, 1.0))

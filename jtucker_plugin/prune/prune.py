@@ -15,7 +15,7 @@ What gets pruned, with the default guards of ``guarded``:
   inputs, ``in_proj``'s outputs with ``core``'s inputs) and their outer channels where the
   architecture allows (a block's inner channels);
 - CIFAR ResNets with option-A shortcuts: the inner channels of each block only (groups through
-  ``PadShortcut`` are never scored, see ``naive_bayes.crosses_channel_change``);
+  ``PadShortcut`` are never scored, see ``groups.crosses_channel_change``);
 - classifier heads never (each task's head is always ignored).
 
 Two ways to say how much: ``pruning_ratio`` (torch-pruning's channel ratio, reached in
@@ -41,7 +41,8 @@ from jtucker_plugin.merge.branches import BRANCHES, PRUNERS, from_branches, to_b
 from jtucker_plugin.metrics import count_macs
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
-from jtucker_plugin.prune.naive_bayes import NaiveBayesImportance, is_scorable
+from jtucker_plugin.prune.groups import is_scorable
+from jtucker_plugin.prune.naive_bayes import NaiveBayesImportance
 
 IMPORTANCES = ("naive_bayes", "magnitude", "taylor", "lamp", "bn_scale")
 _BISECTION_STEPS = 10
@@ -75,7 +76,7 @@ class GuardedImportance(tp.importance.Importance):
 
     Unsafe: a group that crosses a parameter-free channel-count change (option-A
     ``PadShortcut``) or that no layer consumes (the model's outputs); see
-    ``naive_bayes.is_scorable``. Torch-pruning's pruners skip a group scored ``None``.
+    ``groups.is_scorable``. Torch-pruning's pruners skip a group scored ``None``.
     """
 
     def __init__(self, importance: Callable[[Any], Tensor | None]):
