@@ -24,7 +24,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     stages = ", ".join(s.name for s in recipe.stages)
-    print(f"{args.recipe}: valid ({len(recipe.tasks)} tasks: {', '.join(recipe.tasks)}; stages: {stages})")
+    tasks = f"{len(recipe.tasks)} task{'s' if len(recipe.tasks) > 1 else ''}: {', '.join(recipe.tasks)}"
+    print(f"{args.recipe}: valid ({tasks}; stages: {stages})")
     return 0
 
 

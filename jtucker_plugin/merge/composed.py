@@ -43,6 +43,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jtucker_plugin import defaults, layers
@@ -174,13 +175,20 @@ class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.dense()
-        # Lend the weight to the op for this call only: a kept reference would hold memory in
-        # recompose mode and an autograd graph across calls in training.
-        object.__setattr__(self.op, "weight", weight)
-        try:
-            y = self.op(x)
-        finally:
-            object.__setattr__(self.op, "weight", None)
+        if torch.compiler.is_compiling():
+            # Tracing (torch.export, PT2E quantization) records the same aten op from the
+            # functional call; lending the weight would be a side effect it warns about.
+            linear = isinstance(self.op, nn.Linear)
+            y = F.linear(x, weight) if linear else self.op._conv_forward(x, weight, None)
+        else:
+            # Lend the weight to the op for this call only: a kept reference would hold memory
+            # in recompose mode and an autograd graph across calls in training. Calling the op
+            # is what lets forward hooks on it (MAC counters) see the layer.
+            object.__setattr__(self.op, "weight", weight)
+            try:
+                y = self.op(x)
+            finally:
+                object.__setattr__(self.op, "weight", None)
         if bias is None:
             return y
         return y + (bias if isinstance(self.op, nn.Linear) else bias.view(-1, *[1] * (y.dim() - 2)))
