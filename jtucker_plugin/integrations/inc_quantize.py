@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,9 @@ def quantize_tasks(
     - ``int8_static``: exported with ``neural_compressor.torch.export.export``, INC's default
       static config (PT2E, X86 inductor quantizer: int8 weights per channel, uint8 activations
       per tensor), calibrated with each task's own batches in one pass, converted; the weight
-      quantize ops are then folded into int8 constants (INC 3.10 leaves them float) and the
-      graph is split into one graph per task, the shared int8 weights being one tensor.
+      quantize ops are then folded into int8 constants (INC 3.10 leaves them float), their
+      all-zero zero points made one tensor per channel count, and the graph is split into one
+      graph per task, the shared int8 weights being one tensor.
       Batch norms fold into the conv before them, except after a weight that several tasks
       share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
       the weight stays one int8 tensor. Hybrid and task-mixed layers run as branches
@@ -184,6 +186,7 @@ def quantize_tasks(
             prepared(*(batches[t][i % len(batches[t])] for t in tasks))
     program = convert(prepared)
     _fold_weight_quantization(program)
+    _share_zero_points(program)
     per_task = {t: _task_graph(program, i) for i, t in enumerate(tasks)}
     return QuantizedTasks(scheme, per_task, program, examples, dynamic[0])
 
@@ -302,6 +305,30 @@ def _fold_weight_quantization(gm: torch.fx.GraphModule) -> None:
         ops.quantize_per_channel.default,
     }
     constant_fold(gm, lambda n: n.op == "call_function" and n.target in quantize_ops)
+    _drop_unused_tensors(gm)
+
+
+def _share_zero_points(gm: torch.fx.GraphModule) -> None:
+    # The X86 quantizer's int8 weights are symmetric: each per-channel zero point is a tensor of
+    # zeros, stored as int64 (8 bytes per output channel, 7% of a J-Tucker int8 bundle). One
+    # zeros tensor per length serves every weight of that many channels.
+    shared: dict[tuple[int, torch.dtype], str] = {}
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != dequantize:
+            continue
+        zero_point = node.args[2]
+        tensor = operator.attrgetter(zero_point.target)(gm) if zero_point.op == "get_attr" else None
+        if tensor is None or tensor.any():
+            continue
+        key = (tensor.numel(), tensor.dtype)
+        if key not in shared:
+            shared[key] = f"_zeros_{tensor.numel()}_{str(tensor.dtype).removeprefix('torch.')}"
+            gm.register_buffer(shared[key], torch.zeros_like(tensor))
+        with gm.graph.inserting_before(node):
+            node.replace_input_with(zero_point, gm.graph.get_attr(shared[key]))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     _drop_unused_tensors(gm)
 
 

@@ -225,3 +225,30 @@ def test_int8_dynamic_quantizes_shared_factors_once():
             expected = model(x)
             assert (result.models[task](x) - expected).abs().max() < 0.1 * expected.abs().max()
             assert result.models[task](x[:1]).shape == (1, expected.shape[1])  # any batch size
+
+
+def test_int8_zero_points_are_one_zeros_tensor_per_channel_count():
+    models = _models()
+    info = {t: TaskInfo(arch="resnet8", num_classes=3, in_channels=1, input_shape=SHAPE) for t in models}
+    bundle = Bundle(models, info)
+    decompose_bundle(
+        bundle, lambda infos, _: select_ranks(RatioConfig(ratio=0.5), infos), joint=True, min_params=0
+    )
+    calibration = {t: [_inputs()] for t in models}
+
+    result = quantize_tasks(bundle.models, "int8_static", {t: SHAPE for t in models}, calibration=calibration)
+
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    nodes = [n for n in result.program.graph.nodes if n.op == "call_function" and n.target == dequantize]
+    weights = {n.args[0].target: getattr(result.program, n.args[0].target) for n in nodes}
+    # Symmetric int8 weights: every zero point is zeros, and one tensor serves each channel count.
+    zero_points = {n.args[2].target for n in nodes}
+    lengths = {w.shape[0] for w in weights.values()}
+    assert len(weights) > len(lengths) == len(zero_points)
+    stored = [t for t in result.stored_tensors().values() if t.dtype == torch.int64]
+    assert sum(t.numel() for t in stored) == sum(lengths) and not any(t.any() for t in stored)
+    x = _inputs()
+    with torch.no_grad():
+        for task, model in bundle.models.items():
+            expected = model(x)
+            assert (result.models[task](x) - expected).abs().max() < 0.1 * expected.abs().max()
