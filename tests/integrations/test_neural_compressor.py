@@ -204,13 +204,20 @@ def test_quantize_tasks_refuses_unknown_schemes_and_missing_calibration():
         quantize_tasks(models, "int8_static", {t: SHAPE for t in models}, calibration={"t0": [_inputs()]})
 
 
-def test_int8_dynamic_quantizes_shared_factors_once():
+def _jtucker_bundle() -> Bundle:
+    """Two resnet8 task models, J-Tucker decomposed at half ranks."""
     models = _models()
     info = {t: TaskInfo(arch="resnet8", num_classes=3, in_channels=1, input_shape=SHAPE) for t in models}
     bundle = Bundle(models, info)
     decompose_bundle(
         bundle, lambda infos, _: select_ranks(RatioConfig(ratio=0.5), infos), joint=True, min_params=0
     )
+    return bundle
+
+
+def test_int8_dynamic_quantizes_shared_factors_once():
+    bundle = _jtucker_bundle()
+    models = bundle.models
 
     result = quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in models})
 
@@ -228,12 +235,8 @@ def test_int8_dynamic_quantizes_shared_factors_once():
 
 
 def test_int8_zero_points_are_one_zeros_tensor_per_channel_count():
-    models = _models()
-    info = {t: TaskInfo(arch="resnet8", num_classes=3, in_channels=1, input_shape=SHAPE) for t in models}
-    bundle = Bundle(models, info)
-    decompose_bundle(
-        bundle, lambda infos, _: select_ranks(RatioConfig(ratio=0.5), infos), joint=True, min_params=0
-    )
+    bundle = _jtucker_bundle()
+    models = bundle.models
     calibration = {t: [_inputs()] for t in models}
 
     result = quantize_tasks(bundle.models, "int8_static", {t: SHAPE for t in models}, calibration=calibration)
