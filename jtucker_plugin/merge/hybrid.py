@@ -450,11 +450,14 @@ def train_hybrid(
     if prune_epochs == 0:
         prune_deltas(groups, density=density, budget=budget)
     records = []
+    # The training fields only: a subclass's own checks (a stage's prune_epochs <= epochs) do
+    # not hold for one-epoch steps.
+    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(FitConfig)}
     for epoch in range(epochs):
         lr = config.lr
         if config.schedule == "cosine":
             lr *= 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        step = dataclasses.replace(config, epochs=1, lr=lr, schedule="constant", joint=True)
+        step = FitConfig(**{**training, "epochs": 1, "lr": lr, "schedule": "constant", "joint": True})
         # Pruning replaced the values: the hooks go on the current ones, each epoch.
         with l1_penalty(members, l1):
             losses = fit(bundle.models, data, step, seed=seed + epoch, progress=progress, distill=distill)

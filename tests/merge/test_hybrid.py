@@ -240,6 +240,20 @@ def test_training_shrinks_the_deltas_to_the_target_then_keeps_the_masks():
     assert schedule[-1] == 0.05 and all(a > b for a, b in zip(schedule, schedule[1:], strict=False))
 
 
+def test_the_stage_config_drives_the_schedule_with_its_own_prune_epochs():
+    # One-epoch steps of a HybridConfig would fail its prune_epochs <= epochs check.
+    bundle = _bundle()
+    hybridize(bundle, density=0.2)
+    data = {t: _data(i) for i, t in enumerate(bundle.tasks)}
+    config = HybridConfig(density=0.05, epochs=3, prune_epochs=2, batch_size=16, max_batches=2)
+    records = train_hybrid(bundle, data, config, density=0.05, prune_epochs=config.prune_epochs, seed=0)
+    target = sum(
+        round(0.05 * layer.numel) for layers in hybrid_groups(bundle.models).values() for layer in layers
+    )
+    assert [r["nonzeros"] for r in records][1:] == [target, target]
+    assert records[0]["nonzeros"] > target
+
+
 def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_path):
     hybrid = {"density": 0.05, "keep_per_task": ["conv1"], "epochs": 2, "batch_size": 16, "max_batches": 2}
     stages = [{"hybrid": hybrid}, {"evaluate": {"latency": False}}]
