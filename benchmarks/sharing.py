@@ -25,8 +25,10 @@ layers, then the scenario's ``share_variants``: more layers per task, for milder
 = shared core + sparse deltas at ``Settings.core_density``) and ``jtucker_taskrank`` (J-Tucker,
 task-mode rank ``Settings.task_rank``), both with ranks from the budget strategy at a fraction
 of the decomposed layers' dense parameters (all tasks) counted with the cores as they are stored
-(``CoreSharing.core_copies``: a shared core plus its deltas, or the basis cores). The first
-conv (too small to gain), batch norm and heads stay per task everywhere.
+(``CoreSharing.core_copies``: a shared core plus its deltas, or the basis cores);
+``share_sparse`` (hard sharing whose shared layers then keep only their largest weight entries,
+``merge.sparse``, at densities: one-shot, before the recovery fine-tune). The first conv (too
+small to gain), batch norm and heads stay per task everywhere.
 
 Compression ratio: in parameters (the tasks' dense parameters over the bundle's unique ones;
 a sparse delta counts its values), and in bytes (the tensor data of the separate dense models
@@ -45,9 +47,9 @@ bytes over the int8 program's tensor bytes, its drop against the same fp32 refer
 "CR at <= 1 pp": the largest measured ratio whose mean drop is at most 1 pp (``best``) and the
 ratio where the curve, anchored at (1x, 0 pp), crosses 1 pp, interpolated in log(ratio)
 (``interp``; when only a method's first point is above 1 pp, the line from (1x, 0 pp) to it: a
-rough guess). Target of issue 6: the best of ours (hybrid, jtucker_sparse,
-jtucker_taskrank) at least 2x hard sharing's ratio, checked on both ``best`` and ``interp``,
-and at least 20x after int8.
+rough guess). Target of issue 6: the best of ours (hybrid, jtucker_sparse, jtucker_taskrank,
+share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and ``interp``, and at
+least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
 ``sharing-<scenario>[-quick]-pt<torch>-cpu``: ``.csv`` (one row per point), ``.json`` (summary,
@@ -97,12 +99,13 @@ from jtucker_plugin.decompose.ranks import select_ranks  # noqa: E402
 from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores  # noqa: E402
 from jtucker_plugin.merge.hybrid import hybridize, train_hybrid  # noqa: E402
 from jtucker_plugin.merge.share import hard_share  # noqa: E402
+from jtucker_plugin.merge.sparse import sparsify  # noqa: E402
 from jtucker_plugin.multitask import Bundle  # noqa: E402
 from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
 from jtucker_plugin.train import Distillation, FitConfig, evaluate, fit  # noqa: E402
 
 LIMIT_PP = 1.0
-OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank")
+OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank", "share_sparse")
 INT8_TARGET = 20.0
 PLOT_TOP_PP = 6.0
 CALIBRATION_BATCHES = 4
@@ -120,6 +123,8 @@ class Settings(joint_vs_individual.Settings):
     # counted with the cores as stored: 1/3 stores about what hard sharing does
     shared_core_budgets: tuple[float, ...] = (0.35, 0.25, 0.18, 0.12)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
+    # share_sparse: share of the shared layers' weight entries kept
+    sparse_densities: tuple[float, ...] = (0.6, 0.5, 0.45, 0.4, 0.3)
     # hard sharing: how many of the scenario's share_variants (more layers per task)
     share_points: int = 3
     core_density: float = 0.05
@@ -135,6 +140,7 @@ QUICK = Settings(
     budgets=(0.4,),
     shared_core_budgets=(0.2,),
     densities=(0.05,),
+    sparse_densities=(0.5,),
     share_points=1,
     pretrain_per_class=100,
     pretrain_epochs=2,
@@ -195,6 +201,11 @@ def hybrid(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> N
     hybridize(bundle, density=min(1.0, 4 * density), keep_per_task=scenario.keep_per_task)
 
 
+def share_sparse(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> None:
+    hard_share(bundle, init="mean", keep_per_task=list(scenario.keep_per_task))
+    sparsify(bundle, density=density, keep_dense=list(scenario.keep_per_task))
+
+
 def jtucker_sparse(bundle: Bundle, fraction: float, s: Settings, scenario: Scenario) -> None:
     sharing = CoreSharing("shared_sparse", core_density=s.core_density)
     share_cores(bundle, _decompose(bundle, fraction, joint=True, sharing=sharing), sharing)
@@ -213,6 +224,7 @@ METHODS: dict[str, tuple[Callable, Callable[[Settings, Scenario], tuple]]] = {
     "hybrid": (hybrid, lambda s, _: s.densities),
     "jtucker_sparse": (jtucker_sparse, lambda s, _: s.shared_core_budgets),
     "jtucker_taskrank": (jtucker_taskrank, lambda s, _: s.shared_core_budgets),
+    "share_sparse": (share_sparse, lambda s, _: s.sparse_densities),
 }
 
 
@@ -273,6 +285,8 @@ def run(args: argparse.Namespace) -> None:
         overrides["shared_core_budgets"] = tuple(args.shared_core_budgets)
     if args.core_density is not None:
         overrides["core_density"] = args.core_density
+    if args.sparse_densities:
+        overrides["sparse_densities"] = tuple(args.sparse_densities)
     s = replace(s, **overrides)
     methods = list(METHODS) if args.methods is None else args.methods
     torch.set_num_threads(args.threads)
@@ -285,6 +299,7 @@ def run(args: argparse.Namespace) -> None:
             f"-distill{args.distill:g}" if args.distill else "",
             f"-density{args.core_density:g}" if args.core_density is not None else "",
             f"-budgets{budgets}" if budgets else "",
+            f"-sparse{'-'.join(f'{d:g}' for d in args.sparse_densities)}" if args.sparse_densities else "",
             f"-seed{s.seed}" if s.seed else "",
             "-quick" if args.quick else "",
         )
@@ -472,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--core-density", type=float, help="jtucker_sparse: the cores' delta density (0: one shared core)"
     )
+    parser.add_argument("--sparse-densities", type=float, nargs="+", help="the sweep of share_sparse")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")
     parser.add_argument(

@@ -95,6 +95,16 @@ def layer_config(module: nn.Module) -> dict[str, Any]:
     return _LAYERS[type(module).__name__][1](module)
 
 
+def layer_config_as(module: nn.Module, type_name: str) -> dict[str, Any]:
+    """``module``'s config read as the registered type ``type_name``, one of its base classes.
+
+    For subclasses that are not layers of their own (``merge.branches``' masked deltas).
+    """
+    if type_name not in _layers() or not isinstance(module, _LAYERS[type_name][0]):
+        raise TypeError(f"a {type(module).__qualname__} is not a registered {type_name!r}")
+    return _LAYERS[type_name][1](module)
+
+
 def build_layer(type_name: str, config: dict[str, Any]) -> nn.Module:
     """Build a module of the registered type ``type_name`` from its config.
 

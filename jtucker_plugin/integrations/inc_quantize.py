@@ -32,10 +32,12 @@ from torch import Tensor, nn
 from jtucker_plugin.integrations.neural_compressor import MultiTaskModel
 from jtucker_plugin.io import atomic_write_bytes
 from jtucker_plugin.merge.branches import to_branches
-from jtucker_plugin.merge.composed import SparseDelta
+from jtucker_plugin.merge.composed import SparseDelta, SparseLayer, encode_positions, scatter_entries
 from jtucker_plugin.recipe.schema import did_you_mean
 
 SCHEMES = ("int8_static", "int8_dynamic", "weight_only_rtn")
+PACK_SAVING = 0.25
+"""Share of an int8 weight's bytes that storing it sparse must save (``_pack_sparse_weights``)."""
 
 
 @dataclass
@@ -158,6 +160,7 @@ def quantize_tasks(
     multi = MultiTaskModel(copy.deepcopy(dict(models))).eval()
     # Hybrid layers run as a shared layer (quantized once) plus their sparse delta, added in float.
     deltas = to_branches(dict(multi.items()), delta="sparse")
+    _densify_sparse_layers(multi)
     examples = tuple(torch.zeros(2, *input_shapes[t]) for t in tasks)  # batch 2: 1 would specialise
     dynamic = (tuple({0: torch.export.Dim(f"batch_{i}", min=1)} for i in range(len(tasks))),)
     if scheme == "weight_only_rtn":
@@ -187,6 +190,7 @@ def quantize_tasks(
     program = convert(prepared)
     _fold_weight_quantization(program)
     _share_zero_points(program)
+    _pack_sparse_weights(program)
     per_task = {t: _task_graph(program, i) for i, t in enumerate(tasks)}
     return QuantizedTasks(scheme, per_task, program, examples, dynamic[0])
 
@@ -207,6 +211,21 @@ def _round_deltas(model: nn.Module) -> None:
             values = module.delta_values.detach().to(torch.float32).clone().view(1, -1)
             codes, scale, _ = qdq_weight_sym(values, bits=8, return_int=True)
             module.set_codes(codes.view(-1).to(torch.int8), scale)
+
+
+def _densify_sparse_layers(model: nn.Module) -> None:
+    """Each ``SparseLayer`` as its plain dense layer, one object wherever it sits (shared stays shared).
+
+    The quantizer then quantizes its weight per channel like any other; the cut entries are
+    exact zeros, which symmetric quantization keeps as code 0, and ``_pack_sparse_weights``
+    stores only the others.
+    """
+    dense: dict[int, nn.Module] = {}
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, SparseLayer):
+            if id(module) not in dense:
+                dense[id(module)] = module.to_dense().train(module.training)
+            model.set_submodule(path, dense[id(module)])
 
 
 def _keep_float(gm: torch.fx.GraphModule, paths: Sequence[str]) -> None:
@@ -330,6 +349,52 @@ def _share_zero_points(gm: torch.fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     _drop_unused_tensors(gm)
+
+
+def _pack_sparse_weights(gm: torch.fx.GraphModule) -> None:
+    # An int8 weight with many zero codes (a SparseLayer's cut) is stored as its non-zero codes
+    # and their positions (merge.composed.encode_positions: 2 bytes each or one bit an entry)
+    # and unpacked at every call. Only where that saves at least PACK_SAVING of the bytes: a
+    # dense weight's few zero codes are not worth an unpack per call.
+    dequantize = {
+        torch.ops.quantized_decomposed.dequantize_per_channel.default,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+    }
+    packed: dict[str, tuple[str, str] | None] = {}
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target in dequantize else None
+        if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
+            continue
+        weight = operator.attrgetter(source.target)(gm)
+        if source.target not in packed:
+            packed[source.target] = _pack(gm, source.target, weight)
+        if packed[source.target] is None:
+            continue
+        codes, positions = packed[source.target]
+        with gm.graph.inserting_before(node):
+            flat = gm.graph.call_function(
+                scatter_entries, (gm.graph.get_attr(codes), gm.graph.get_attr(positions), weight.numel())
+            )
+            unpacked = gm.graph.call_method("view", (flat, *weight.shape))
+        node.replace_input_with(source, unpacked)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    _drop_unused_tensors(gm)
+
+
+def _pack(gm: torch.fx.GraphModule, name: str, weight: Tensor) -> tuple[str, str] | None:
+    """Register ``weight``'s non-zero codes and positions; their names, or ``None`` if not worth it."""
+    if weight.dtype != torch.int8:
+        return None
+    flat = weight.reshape(-1)
+    positions = flat.nonzero().reshape(-1)
+    stored = encode_positions(positions, flat.numel())
+    if positions.numel() + stored.numel() * stored.element_size() > (1 - PACK_SAVING) * flat.numel():
+        return None
+    base = name.replace(".", "_")
+    gm.register_buffer(f"{base}_codes", flat[positions].clone())
+    gm.register_buffer(f"{base}_positions", stored)
+    return f"{base}_codes", f"{base}_positions"
 
 
 def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:

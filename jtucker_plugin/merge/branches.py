@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from jtucker_plugin import layers
 from jtucker_plugin.decompose.shared_core import TaskMixLayer
-from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer, SparseDelta
+from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer, SparseDelta, SparseLayer
 
 
 class HybridBranches(nn.Module):
@@ -94,6 +94,7 @@ def _masked(base: type[nn.Module]) -> type[nn.Module]:
 
 MaskedConv1d, MaskedConv2d, MaskedLinear = (_masked(b) for b in (nn.Conv1d, nn.Conv2d, nn.Linear))
 _MASKED = {"Conv1d": MaskedConv1d, "Conv2d": MaskedConv2d, "Linear": MaskedLinear}
+MASKED = tuple(_MASKED.values())
 
 
 def _keep(size: int, idxs) -> list[int]:
@@ -147,6 +148,22 @@ def _masked_delta(layer: HybridLayer) -> nn.Module:
     return module
 
 
+def _masked_sparse(layer: SparseLayer) -> nn.Module:
+    module = _MASKED[type(layer.op).__name__](**layer.op_config())
+    module = module.to(dtype=layer.values.dtype, device=layer.values.device)
+    weight, bias = layer.compose()
+    mask = torch.zeros(layer.numel, dtype=torch.bool, device=weight.device)
+    mask[layer.positions().to(weight.device)] = True
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    module.register_buffer("weight_mask", mask.view_as(module.weight))
+    module.register_buffer("bias_mask", None)
+    module.materialize = layer.materialize  # restored by from_branches
+    return module.train(layer.training)
+
+
 def _plain(layer: ComposedLayer, weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Module:
     module = layers.build_layer(type(layer.op).__name__, layer.op_config())
     module.weight = weight
@@ -174,6 +191,11 @@ def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "spars
     shared: dict[int, nn.Module] = {}
     paths = []
     for task, model in models.items():
+        if delta == "masked":
+            for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLayer)]:
+                if id(layer) not in shared:
+                    shared[id(layer)] = _masked_sparse(layer)
+                model.set_submodule(name, shared[id(layer)])
         composed = [(n, m) for n, m in model.named_modules() if isinstance(m, HybridLayer | TaskMixLayer)]
         for name, layer in composed:
             key = id(layer.parts()[0])
@@ -201,6 +223,12 @@ def from_branches(models: Mapping[str, nn.Module]) -> None:
         for name, branches in [(n, m) for n, m in model.named_modules() if isinstance(m, BRANCHES)]:
             rebuild = _hybrid_layer if isinstance(branches, HybridBranches) else _mix_layer
             model.set_submodule(name, rebuild(branches, made).train(branches.training))
+    # What is left masked stands alone: a SparseLayer's (a delta's was inside its branches).
+    for model in models.values():
+        for name, masked in [(n, m) for n, m in model.named_modules() if isinstance(m, MASKED)]:
+            if id(masked) not in made:
+                made[id(masked)] = _sparse_layer(masked)
+            model.set_submodule(name, made[id(masked)])
 
 
 def _hybrid_layer(branches: HybridBranches, made: dict[int, Any]) -> HybridLayer:
@@ -222,6 +250,19 @@ def _hybrid_layer(branches: HybridBranches, made: dict[int, Any]) -> HybridLayer
     layer.shared_weight, layer.shared_bias = made[id(shared)]
     layer.set_delta(positions, values[positions])
     return layer
+
+
+def _sparse_layer(masked: nn.Module) -> SparseLayer:
+    positions = masked.weight_mask.reshape(-1).nonzero().reshape(-1)
+    op = next(name for name, klass in _MASKED.items() if isinstance(masked, klass))
+    config = layers.layer_config_as(masked, op)
+    layer = SparseLayer(op, config, config.pop("bias"), positions.numel(), masked.materialize)
+    layer = layer.to(dtype=masked.weight.dtype, device=masked.weight.device)
+    layer.set_entries(positions, masked.weight.detach().reshape(-1)[positions])
+    if masked.bias is not None:
+        with torch.no_grad():
+            layer.dense_bias.copy_(masked.bias)
+    return layer.train(masked.training)
 
 
 def _mix_layer(branches: MixBranches, made: dict[int, Any]) -> TaskMixLayer:

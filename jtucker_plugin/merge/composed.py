@@ -21,11 +21,17 @@ With gradients (training) the weight is always rebuilt, so that gradients reach 
 weight (and bias) is ONE ``nn.Parameter`` object in every task's layer: stored, counted and
 trained once. ``S_t`` is stored compactly as its ``nnz`` non-zero values (a parameter) and their
 positions in the flattened ``[weight, bias]`` (a buffer), so ``Bundle.save`` writes exactly
-values + indices. Positions take 2 bytes (``int16``, stored as ``position - 32768`` so the whole
-16-bit range is used) when the layer has at most 65,536 entries, else 4 (``int32``).
+values + indices. Positions are stored in the smallest of three forms (``encode_positions``):
+2 bytes each (``int16``, stored as ``position - 32768`` so the whole 16-bit range is used) when
+the layer has at most 65,536 entries, else 4 (``int32``), or one bit per entry (a ``uint8``
+bitmask) once more than 1 entry in 16 (1 in 32 for ``int32``) is stored.
 ``Bundle.unique_parameters`` counts the shared weight once and the ``nnz`` values of each task;
 the indices are buffers: they are counted in bytes (``merge.hybrid.hybrid_storage``), not as
 parameters.
+
+``SparseLayer`` is unstructured sparsity (``merge.sparse``): a layer that stores only its kept
+weight entries, values at positions in the same forms; its zeros stay zero in training, since
+only the values are parameters.
 
 Examples
 --------
@@ -67,36 +73,103 @@ _GEOMETRY = frozenset(
 )
 _INT16_SPAN = 1 << 16
 _INT16_OFFSET = 1 << 15
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_PLAIN_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-def index_dtype(numel: int) -> torch.dtype:
-    """The dtype that stores positions in a tensor of ``numel`` entries: int16 up to 65,536."""
-    return torch.int16 if numel <= _INT16_SPAN else torch.int32
+def index_dtype(numel: int, nnz: int = 0) -> torch.dtype:
+    """The dtype that stores ``nnz`` positions in a tensor of ``numel`` entries: the smallest form.
+
+    ``int16`` (2 bytes a position) up to 65,536 entries, else ``int32`` (4 bytes), or a
+    ``uint8`` bitmask (``ceil(numel / 8)`` bytes, whatever ``nnz``) when that is smaller.
+
+    >>> index_dtype(288, nnz=5), index_dtype(288, nnz=100), index_dtype(100_000, nnz=3)
+    (torch.int16, torch.uint8, torch.int32)
+    """
+    dtype = torch.int16 if numel <= _INT16_SPAN else torch.int32
+    position_bytes = nnz * (2 if dtype == torch.int16 else 4)
+    return torch.uint8 if math.ceil(numel / 8) < position_bytes else dtype
 
 
 def encode_positions(positions: Tensor, numel: int) -> Tensor:
-    """Flat positions (``0 <= p < numel``) in their compact storage form (see ``index_dtype``)."""
-    positions = positions.to(torch.int64)
-    if index_dtype(numel) == torch.int16:
+    """Distinct flat positions (``0 <= p < numel``) in their compact form (see ``index_dtype``).
+
+    A bitmask keeps no order: it decodes ascending, so store values in ascending position order.
+    """
+    positions = positions.to(torch.int64).reshape(-1)
+    dtype = index_dtype(numel, positions.numel())
+    if dtype == torch.uint8:
+        bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8, device=positions.device)
+        bits[positions] = 1
+        return (bits.view(-1, 8) << _BIT_SHIFTS.to(positions.device)).sum(1, dtype=torch.uint8)
+    if dtype == torch.int16:
         return (positions - _INT16_OFFSET).to(torch.int16)
     return positions.to(torch.int32)
 
 
 def decode_positions(stored: Tensor) -> Tensor:
-    """The ``int64`` positions that ``encode_positions`` stored."""
+    """The ``int64`` positions that ``encode_positions`` stored (a bitmask's ascending)."""
+    if stored.dtype == torch.uint8:
+        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) & 1
+        return bits.reshape(-1).nonzero().reshape(-1)
     if stored.dtype == torch.int16:
         return stored.to(torch.int64) + _INT16_OFFSET
     return stored.to(torch.int64)
 
 
-def _add_sparse(
-    flat: Tensor, positions: Tensor, values: Tensor, shape: tuple[int, ...], bias: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``flat`` (the flattened ``[weight, bias]``) plus ``values`` at ``positions``, as weight and bias."""
-    if values.numel():
-        flat = flat.index_add(0, positions, values.to(flat.dtype))
+def check_entries(positions: Tensor, values: Tensor, numel: int, what: str) -> tuple[Tensor, Tensor]:
+    """``positions`` (int64) and ``values``, flat, sorted by position, checked.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what``, if the shapes differ, a position is out of range or repeated.
+    """
+    positions = positions.to(torch.int64).reshape(-1)
+    values = values.detach().reshape(-1)
+    if positions.shape != values.shape:
+        raise ValueError(f"{what}: {positions.numel()} positions but {values.numel()} values")
+    if positions.numel():
+        if int(positions.min()) < 0 or int(positions.max()) >= numel:
+            raise ValueError(f"{what}: positions must be in [0, {numel})")
+        if positions.unique().numel() != positions.numel():
+            raise ValueError(f"{what}: positions must not repeat")
+    order = positions.argsort()
+    return positions[order], values[order]
+
+
+def _load_stored_positions(module: nn.Module, state_dict: dict, prefix: str, name: str) -> None:
+    # Which form a module starts with depends on its nnz; a saved one may be in another (bundles
+    # written before the bitmask form, or an equal-size choice): take the stored tensor's form.
+    stored = state_dict.get(prefix + name)
+    if isinstance(stored, Tensor) and getattr(module, name).dtype != stored.dtype:
+        setattr(module, name, torch.empty_like(stored, device=getattr(module, name).device))
+
+
+def scatter_entries(values: Tensor, stored: Tensor, numel: int) -> Tensor:
+    """``numel`` zeros with ``values`` at the positions ``stored`` holds (``encode_positions``).
+
+    Differentiable in ``values``, and free of data-dependent shapes, so that torch.export traces it.
+    """
+    out = values.new_zeros(numel)
+    if stored.dtype == torch.uint8:
+        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) & 1
+        return out.masked_scatter(bits.reshape(-1)[:numel].bool(), values)
+    return out.index_put((decode_positions(stored),), values)
+
+
+def _split(flat: Tensor, shape: tuple[int, ...], bias: bool) -> tuple[Tensor, Tensor | None]:
+    """The flattened ``[weight, bias]`` as weight and bias."""
     n = flat.numel() - (shape[0] if bias else 0)
     return flat[:n].view(shape), (flat[n:] if bias else None)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``Conv1d``/``Conv2d``/``Linear`` with a weight of its own.
+
+    A composed layer's ``op`` is one of those types without a weight: not a layer to compose.
+    """
+    return type(module) in _PLAIN_TYPES and isinstance(module._parameters.get("weight"), nn.Parameter)
 
 
 class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
@@ -285,7 +358,8 @@ class HybridLayer(ComposedLayer):
         flat = self.shared_weight.reshape(-1)
         if self.shared_bias is not None:
             flat = torch.cat([flat, self.shared_bias])
-        return _add_sparse(flat, self.positions(), self.delta_values, self.weight_shape, self.has_bias)
+        delta = scatter_entries(self.delta_values.to(flat.dtype), self.delta_indices, self.numel)
+        return _split(flat + delta, self.weight_shape, self.has_bias)
 
     def delta(self) -> Tensor:
         """The dense delta ``S_t`` over the flattened ``[weight, bias]`` (for inspection)."""
@@ -302,22 +376,17 @@ class HybridLayer(ComposedLayer):
         ValueError
             If the shapes differ, a position is out of range or repeated.
         """
-        positions = positions.to(torch.int64).reshape(-1)
-        values = values.detach().reshape(-1)
-        if positions.shape != values.shape:
-            raise ValueError(f"set_delta: {positions.numel()} positions but {values.numel()} values")
-        if positions.numel():
-            if int(positions.min()) < 0 or int(positions.max()) >= self.numel:
-                raise ValueError(f"set_delta: positions must be in [0, {self.numel})")
-            if positions.unique().numel() != positions.numel():
-                raise ValueError("set_delta: positions must not repeat")
-        order = positions.argsort()
+        positions, values = check_entries(positions, values, self.numel, "set_delta")
         dtype = self.shared_weight.dtype
         self.delta_values = nn.Parameter(
-            values[order].to(dtype).clone(), requires_grad=self.delta_values.requires_grad
+            values.to(dtype).clone(), requires_grad=self.delta_values.requires_grad
         )
-        self.delta_indices = encode_positions(positions[order], self.numel).to(self.delta_indices.device)
+        self.delta_indices = encode_positions(positions, self.numel).to(self.delta_indices.device)
         self._cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_stored_positions(self, state_dict, prefix, "delta_indices")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def keep_largest(self, k: int) -> None:
         """Keep the ``k`` delta values of largest magnitude (all if ``k >= nnz``)."""
@@ -325,6 +394,118 @@ class HybridLayer(ComposedLayer):
             return
         top = self.delta_values.detach().abs().topk(max(k, 0)).indices
         self.set_delta(self.positions()[top], self.delta_values.detach()[top])
+
+    def layer_config(self) -> dict[str, Any]:
+        return {
+            "op": type(self.op).__name__,
+            "config": layers.layer_config(self.op),
+            "bias": self.has_bias,
+            "nnz": self.nnz,
+            "materialize": self.materialize,
+        }
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
+
+
+@layers.register_layer
+class SparseLayer(ComposedLayer):
+    """A conv or linear layer storing only its kept weight entries: ``values`` at positions.
+
+    Unstructured sparsity (``merge.sparse``). The weight is zero but at the stored positions;
+    the bias, if any, stays dense. Only ``values`` is a parameter, so training moves the kept
+    entries and the zeros stay zero: the mask is fixed by construction.
+
+    Parameters
+    ----------
+    op, config, materialize
+        See ``ComposedLayer``.
+    bias
+        Whether the layer has a (dense) bias.
+    nnz
+        Kept entries of the weight.
+
+    Attributes
+    ----------
+    values
+        ``nn.Parameter`` of ``nnz`` values, in ascending position order.
+    indices
+        Buffer of their positions in the flattened weight, in ``encode_positions`` form.
+    bias
+        ``nn.Parameter`` or ``None``.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        config: dict[str, Any],
+        bias: bool = False,
+        nnz: int = 0,
+        materialize: bool = defaults.MATERIALIZE,
+    ):
+        super().__init__(op, config, materialize)
+        if not isinstance(nnz, int) or not 0 <= nnz <= self.numel:
+            raise ValueError(f"nnz: expected an integer in [0, {self.numel}], got {nnz!r}")
+        self.values = nn.Parameter(torch.zeros(nnz))
+        self.register_buffer("indices", encode_positions(torch.arange(nnz), self.numel))
+        self.dense_bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def of(
+        cls, module: nn.Module, positions: Tensor, materialize: bool = defaults.MATERIALIZE
+    ) -> SparseLayer:
+        """``module`` (``nn.Conv2d`` ...) keeping only its weight entries at the flat ``positions``."""
+        op = type(module).__name__
+        layer = cls(op, layers.layer_config(module), module.bias is not None, positions.numel(), materialize)
+        layer = layer.to(dtype=module.weight.dtype, device=module.weight.device)
+        layer.set_entries(positions, module.weight.reshape(-1)[positions.to(module.weight.device)])
+        if module.bias is not None:
+            layer.dense_bias.copy_(module.bias)
+        return layer.train(module.training)
+
+    @property
+    def numel(self) -> int:
+        """Entries of the weight: what the positions index."""
+        return math.prod(self.weight_shape)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.dense_bias is not None
+
+    def positions(self) -> Tensor:
+        """The kept entries' positions in the flattened weight (``int64``, ascending)."""
+        return decode_positions(self.indices)
+
+    def parts(self) -> tuple[Tensor, ...]:
+        bias = () if self.dense_bias is None else (self.dense_bias,)
+        return (self.values, self.indices, *bias)
+
+    def compose(self) -> tuple[Tensor, Tensor | None]:
+        return scatter_entries(self.values, self.indices, self.numel).view(self.weight_shape), self.dense_bias
+
+    def set_entries(self, positions: Tensor, values: Tensor) -> None:
+        """Keep ``values`` at the flat ``positions`` (any order), zeros elsewhere; a new ``values``.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ, a position is out of range or repeated.
+        """
+        positions, values = check_entries(positions, values, self.numel, "set_entries")
+        self.values = nn.Parameter(
+            values.to(self.values.dtype).clone(), requires_grad=self.values.requires_grad
+        )
+        self.indices = encode_positions(positions, self.numel).to(self.indices.device)
+        self._cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_stored_positions(self, state_dict, prefix, "indices")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layer_config(self) -> dict[str, Any]:
         return {
@@ -390,7 +571,5 @@ class SparseDelta(ComposedLayer):
         values = self.delta_values
         if self.delta_scale is not None:
             values = values.to(self.delta_scale.dtype) * self.delta_scale
-        flat = values.new_zeros(math.prod(self.weight_shape) + self.bias_entries)
-        return _add_sparse(
-            flat, decode_positions(self.delta_indices), values, self.weight_shape, self.has_bias
-        )
+        flat = scatter_entries(values, self.delta_indices, math.prod(self.weight_shape) + self.bias_entries)
+        return _split(flat, self.weight_shape, self.has_bias)

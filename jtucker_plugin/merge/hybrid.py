@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,13 +43,12 @@ from torch import Tensor, nn
 from jtucker_plugin import defaults
 from jtucker_plugin import layers as layer_configs
 from jtucker_plugin.data import TaskData
-from jtucker_plugin.merge.composed import HybridLayer
+from jtucker_plugin.merge.composed import HybridLayer, is_plain_layer
+from jtucker_plugin.merge.patterns import check_patterns, check_patterns_match, patterns_of
 from jtucker_plugin.metrics import state_bytes
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.train import Distillation, FitConfig, fit
-
-_OP_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def check_target(
@@ -78,23 +76,6 @@ def check_target(
         raise ValueError(f"{b}: expected an integer >= 0 (non-zeros), got {budget!r}")
 
 
-def _check_patterns(keep_per_task: Any) -> list[str]:
-    if isinstance(keep_per_task, str) or not isinstance(keep_per_task, Sequence):
-        hint = f"; write [{keep_per_task!r}]" if isinstance(keep_per_task, str) else ""
-        raise TypeError(f"keep_per_task: expected a list of fnmatch patterns, got {keep_per_task!r}{hint}")
-    for p in keep_per_task:
-        if not isinstance(p, str) or not p:
-            raise TypeError(f"keep_per_task: expected non-empty pattern strings, got {p!r}")
-    return list(keep_per_task)
-
-
-def _matching(name: str, patterns: Sequence[str]) -> list[str]:
-    """The patterns matching ``name`` or the path of a module containing it."""
-    parts = name.split(".")
-    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return [p for p in patterns if any(fnmatch.fnmatchcase(path, p) for path in paths)]
-
-
 def find_hybrid_layers(
     models: dict[str, nn.Module], keep_per_task: Sequence[str] = ()
 ) -> tuple[list[str], dict[str, str]]:
@@ -112,24 +93,17 @@ def find_hybrid_layers(
     ValueError
         If a ``keep_per_task`` pattern matches no module (the message names the pattern).
     """
-    patterns = _check_patterns(keep_per_task)
+    patterns = check_patterns(keep_per_task, "keep_per_task")
     tasks = list(models)
     ref = models[tasks[0]]
-    paths = [name for name, _ in ref.named_modules() if name]
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(path, p) for path in paths):
-            raise ValueError(
-                f"keep_per_task: pattern {p!r} matches no layer; modules are "
-                f"{', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}"
-            )
+    check_patterns_match(patterns, [name for name, _ in ref.named_modules() if name], "keep_per_task")
     head = head_name(ref)
     chosen, skipped = [], {}
     for name, module in ref.named_modules():
-        # A composed layer's op has no weight of its own: it is not a layer to share.
-        if type(module) not in _OP_TYPES or not isinstance(module._parameters.get("weight"), nn.Parameter):
+        if not is_plain_layer(module):
             continue
         others = [layer_configs.find_module(models[t], name) for t in tasks[1:]]
-        matched = _matching(name, patterns)
+        matched = patterns_of(name, patterns)
         if name == head or name.startswith(head + "."):
             reason = "classifier head (per task)"
         elif matched:

@@ -27,7 +27,6 @@ True
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from jtucker_plugin import layers as layer_configs
+from jtucker_plugin.merge.patterns import check_patterns, check_patterns_match, patterns_of
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.schema import did_you_mean
@@ -99,13 +99,13 @@ def hard_share(
         If ``init`` is neither ``'mean'`` nor ``'task:<name>'`` of a task of the bundle, or a
         ``keep_per_task`` pattern matches no layer (the message names the pattern).
     """
-    patterns = _check_patterns(keep_per_task)
+    patterns = check_patterns(keep_per_task, "keep_per_task")
     source = _init_source(init, bundle.tasks)
     tasks = bundle.tasks
     models = bundle.models
     ref = models[tasks[0]]
     names = [name for name, m in ref.named_modules() if name and _own_parameters(m)]
-    _check_patterns_match(patterns, names)
+    check_patterns_match(patterns, names, "keep_per_task")
 
     head = head_name(ref)
     before = bundle.unique_parameters()
@@ -135,20 +135,6 @@ def hard_share(
     }
 
 
-def _check_patterns(keep_per_task: Any) -> list[str]:
-    if isinstance(keep_per_task, str) or not isinstance(keep_per_task, Sequence):
-        raise TypeError(
-            f"keep_per_task: expected a list of fnmatch patterns, got {keep_per_task!r}"
-            + (f"; write [{keep_per_task!r}]" if isinstance(keep_per_task, str) else "")
-        )
-    for p in keep_per_task:
-        if not isinstance(p, str) or not p:
-            raise TypeError(
-                f"keep_per_task: expected non-empty pattern strings, got {p!r} in {keep_per_task!r}"
-            )
-    return list(keep_per_task)
-
-
 def _init_source(init: Any, tasks: Sequence[str]) -> str | None:
     """``None`` for the mean, else the task whose layers are copied."""
     if init == "mean":
@@ -168,23 +154,6 @@ def _own_parameters(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
 
 
-def _patterns_of(name: str, patterns: Sequence[str]) -> list[str]:
-    """The patterns matching ``name`` or one of its ancestors' paths."""
-    parts = name.split(".")
-    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return [p for p in patterns if any(fnmatch.fnmatchcase(path, p) for path in paths)]
-
-
-def _check_patterns_match(patterns: Sequence[str], names: Sequence[str]) -> None:
-    used = {p for name in names for p in _patterns_of(name, patterns)}
-    for p in patterns:
-        if p not in used:
-            raise ValueError(
-                f"keep_per_task: pattern {p!r} matches no layer; layers are "
-                f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
-            )
-
-
 def _reason_to_keep(
     models: dict[str, nn.Module],
     tasks: Sequence[str],
@@ -197,7 +166,7 @@ def _reason_to_keep(
         return "classifier head (per task)"
     if isinstance(module, NORM_LAYERS):
         return "normalisation layer (per task)"
-    matched = _patterns_of(name, patterns)
+    matched = patterns_of(name, patterns)
     if matched:
         return f"kept per task by keep_per_task pattern {matched[0]!r}"
     if any(_own_parameters(child) for child in module.modules() if child is not module):

@@ -37,6 +37,7 @@ _BUILTIN_MODULES = (
     "jtucker_plugin.stages.quantize",
     "jtucker_plugin.stages.share",
     "jtucker_plugin.stages.hybrid",
+    "jtucker_plugin.stages.sparsify",
 )
 
 

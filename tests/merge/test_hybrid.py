@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 
 import pytest
@@ -122,12 +123,13 @@ def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_pat
     header = struct.unpack("<Q", file.read_bytes()[:8])[0]
     assert storage["file_bytes"] == file.stat().st_size
     assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
-    # Every layer of resnet8 at width 0.5 has at most 65,536 entries: 2-byte indices.
-    assert (
-        storage["index_bytes"] == 2 * storage["nonzeros"]
-        and storage["value_bytes"] == 4 * storage["nonzeros"]
-    )
     groups = hybrid_groups(bundle.models)
+    # Every layer of resnet8 at width 0.5 has at most 65,536 entries: 2-byte positions, or one
+    # bit per entry where that is smaller (density 0.1 > 1/16: the bitmask).
+    members = [layer for group in groups.values() for layer in group]
+    assert storage["index_bytes"] == sum(min(2 * m.nnz, math.ceil(m.numel / 8)) for m in members)
+    assert {m.delta_indices.dtype for m in members} == {torch.uint8}
+    assert storage["value_bytes"] == 4 * storage["nonzeros"]
     shared = sum(g[0].shared_weight.numel() for g in groups.values())
     others = sum(
         p.numel()
@@ -147,7 +149,6 @@ def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_pat
     for name, layers in hybrid_groups(loaded.models).items():
         assert all(layer.shared_weight is layers[0].shared_weight for layer in layers)
         for layer, original in zip(layers, groups[name], strict=True):
-            assert layer.delta_indices.dtype == torch.int16
             assert torch.equal(layer.delta_indices, original.delta_indices)
             assert torch.equal(layer.delta_values, original.delta_values)
             assert torch.equal(layer.shared_weight, original.shared_weight)
@@ -164,6 +165,34 @@ def test_positions_use_two_bytes_up_to_65536_entries_then_four():
     assert stored.dtype == torch.int32 and torch.equal(decode_positions(stored), big)
     layer = HybridLayer("Linear", {"in_features": 300, "out_features": 300}, bias=True, nnz=3)
     assert layer.numel == 300 * 300 + 300 and layer.delta_indices.dtype == torch.int32
+
+
+def test_positions_become_a_bitmask_when_that_is_smaller():
+    many = torch.arange(0, 288, 3)  # 96 of 288 entries: 192 bytes as int16, 36 as bits
+    stored = encode_positions(many, 288)
+    assert stored.dtype == torch.uint8 and stored.numel() == 36
+    assert torch.equal(decode_positions(stored), many)
+    ragged = torch.tensor([0, 5, 9, 10])  # 11 entries: 2 bytes of bits, the last one partly used
+    assert encode_positions(ragged, 11).numel() == 2
+    assert torch.equal(decode_positions(encode_positions(ragged, 11)), ragged)
+    assert encode_positions(many[:17], 288).dtype == torch.int16  # 34 bytes < 36
+
+
+def test_a_delta_saved_with_two_byte_positions_loads_into_a_bitmask_layer():
+    # Bundles written before the bitmask form stored every delta's positions as int16.
+    config = {"in_channels": 4, "out_channels": 8, "kernel_size": 3}
+    layer = HybridLayer("Conv2d", config, nnz=96)
+    assert layer.delta_indices.dtype == torch.uint8
+    positions = torch.arange(0, 288, 3)
+    state = {
+        "shared_weight": torch.randn(8, 4, 3, 3),
+        "delta_values": torch.randn(96),
+        "delta_indices": (positions - 32768).to(torch.int16),
+    }
+    layer.load_state_dict(state)
+    assert torch.equal(layer.positions(), positions)
+    expected = state["shared_weight"].reshape(-1).index_add(0, positions, state["delta_values"])
+    assert torch.equal(layer.weight.reshape(-1), expected)
 
 
 def test_materialize_keeps_the_weight_until_a_part_changes():
