@@ -124,7 +124,7 @@ class Settings(joint_vs_individual.Settings):
     shared_core_budgets: tuple[float, ...] = (0.35, 0.25, 0.18, 0.12)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
     # share_sparse: share of the shared layers' weight entries kept
-    sparse_densities: tuple[float, ...] = (0.6, 0.5, 0.45, 0.4, 0.3)
+    sparse_densities: tuple[float, ...] = (0.6, 0.55, 0.5, 0.45, 0.4, 0.3)
     # hard sharing: how many of the scenario's share_variants (more layers per task)
     share_points: int = 3
     core_density: float = 0.05

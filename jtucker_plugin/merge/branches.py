@@ -20,6 +20,10 @@ J-Tucker's task-mixed cores (``TaskMixLayer``, ``G_t = sum_r mix_t[r] B_r``) spl
 way, into ``MixBranches``: one plain layer per shared basis core ``B_r`` (tied across tasks)
 and the task's mixing weights, ``sum_r mix_t[r] (B_r x)``.
 
+A ``SparseLayer`` (``merge.sparse``) has no shared part to split off: for pruning it becomes one
+masked dense layer (one object wherever the layer was shared), and ``from_branches`` turns it
+back into a ``SparseLayer`` with the positions its mask still holds.
+
 Examples
 --------
 >>> from jtucker_plugin.merge.hybrid import hybridize
@@ -181,7 +185,8 @@ def _shared_part(layer: ComposedLayer) -> nn.Module:
 
 def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "sparse"]) -> list[str]:
     """Replace every ``HybridLayer`` and ``TaskMixLayer`` of ``models`` in place by branches (in
-    the layer's train/eval mode).
+    the layer's train/eval mode), and with ``delta="masked"`` every ``SparseLayer`` by its masked
+    dense layer.
 
     Layers that share a weight (a basis) get one shared layer object (list of layers). Returns
     the paths (``"<task>.<layer>.delta"``) of the Hybrid delta branches.
@@ -215,8 +220,8 @@ def from_branches(models: Mapping[str, nn.Module]) -> None:
     """Turn the branches of ``to_branches(..., delta="masked")`` back into composed layers, in place.
 
     The shared weight (one ``nn.Parameter``, as before) is the shared layer's, a basis the
-    stacked basis layers' weights; each delta keeps the values at the positions its mask still
-    holds. Each rebuilt layer is in its branches' train/eval mode.
+    stacked basis layers' weights; each delta, and each masked ``SparseLayer``, keeps the values at
+    the positions its mask still holds. Each rebuilt layer is in its branches' train/eval mode.
     """
     made: dict[int, Any] = {}  # shared layer -> its rebuilt shared parameter(s), made once
     for model in models.values():
@@ -256,7 +261,8 @@ def _sparse_layer(masked: nn.Module) -> SparseLayer:
     positions = masked.weight_mask.reshape(-1).nonzero().reshape(-1)
     op = next(name for name, klass in _MASKED.items() if isinstance(masked, klass))
     config = layers.layer_config_as(masked, op)
-    layer = SparseLayer(op, config, config.pop("bias"), positions.numel(), masked.materialize)
+    bias = config.pop("bias")
+    layer = SparseLayer(op, config, bias, positions.numel(), masked.materialize)
     layer = layer.to(dtype=masked.weight.dtype, device=masked.weight.device)
     layer.set_entries(positions, masked.weight.detach().reshape(-1)[positions])
     if masked.bias is not None:

@@ -153,7 +153,8 @@ def test_bad_targets_and_patterns_name_the_field():
         TypeError, match=r"keep_dense: expected a list of fnmatch patterns.*write \['conv1'\]"
     ):
         sparsify(bundle, density=0.5, keep_dense="conv1")
-    with pytest.raises(ValueError, match=r"sparsify: no layer to sparsify.*kept dense by keep_dense pattern .layer\*."):
+    nothing_left = r"sparsify: no layer to sparsify.*kept dense by keep_dense pattern 'layer\*'"
+    with pytest.raises(ValueError, match=nothing_left):
         sparsify(bundle, density=0.5, keep_dense=["conv1", "layer*"])
     assert not any(_sparse_layers(m) for m in bundle.models.values())  # nothing changed
 
