@@ -110,7 +110,7 @@ def encode_positions(positions: Tensor, numel: int) -> Tensor:
 def decode_positions(stored: Tensor) -> Tensor:
     """The ``int64`` positions that ``encode_positions`` stored (a bitmask's ascending)."""
     if stored.dtype == torch.uint8:
-        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) & 1
+        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) % 2
         return bits.reshape(-1).nonzero().reshape(-1)
     if stored.dtype == torch.int16:
         return stored.to(torch.int64) + _INT16_OFFSET
@@ -153,7 +153,7 @@ def scatter_entries(values: Tensor, stored: Tensor, numel: int) -> Tensor:
     """
     out = values.new_zeros(numel)
     if stored.dtype == torch.uint8:
-        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) & 1
+        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) % 2  # not & 1: ONNX exports it
         return out.masked_scatter(bits.reshape(-1)[:numel].bool(), values)
     return out.index_put((decode_positions(stored),), values)
 

@@ -10,6 +10,10 @@ from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.layers import TuckerConv2d
 from jtucker_plugin.decompose.ranks import RatioConfig, select_ranks
 from jtucker_plugin.integrations.onnx import check_onnx, export_bundle_onnx, export_onnx
+from jtucker_plugin.merge.composed import HybridLayer, SparseLayer
+from jtucker_plugin.merge.hybrid import hybridize
+from jtucker_plugin.merge.share import hard_share
+from jtucker_plugin.merge.sparse import sparsify
 from jtucker_plugin.models import create_model
 from jtucker_plugin.multitask import Bundle, TaskInfo
 
@@ -21,13 +25,17 @@ SHAPE = (1, 16, 16)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _jtucker_bundle() -> Bundle:
+def _resnet8_bundle() -> Bundle:
     models = {t: create_model("resnet8", 3 + i, in_channels=1, width=0.5, seed=i) for i, t in enumerate("ab")}
     info = {
         t: TaskInfo(arch="resnet8", num_classes=3 + i, in_channels=1, width=0.5, input_shape=SHAPE)
         for i, t in enumerate("ab")
     }
-    bundle = Bundle(models, info)
+    return Bundle(models, info)
+
+
+def _jtucker_bundle() -> Bundle:
+    bundle = _resnet8_bundle()
     decompose_bundle(bundle, lambda infos, _: select_ranks(RatioConfig(ratio=0.5), infos), joint=True)
     return bundle
 
@@ -53,6 +61,22 @@ def test_each_task_file_matches_pytorch_within_the_stated_tolerance(tmp_path):
     )
     (logits,) = session.run(None, {"input": torch.zeros(7, *SHAPE).numpy()})
     assert logits.shape == (7, 4)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_hybrid_and_sparse_layers_export_with_either_position_form(tmp_path, materialize):
+    """Positions stored as a bitmask (dense deltas, half-kept weights) or as int16 both export."""
+    bundle = _resnet8_bundle()
+    hard_share(bundle, keep_per_task=["conv1", "layer1"])
+    sparsify(bundle, density=0.5, keep_dense=["conv1", "layer1"], materialize=materialize)
+    hybridize(bundle, density=0.02, materialize=materialize)  # what is left per task: layer1
+    forms = {m.indices.dtype for m in bundle.models["a"].modules() if isinstance(m, SparseLayer)}
+    forms |= {m.delta_indices.dtype for m in bundle.models["a"].modules() if isinstance(m, HybridLayer)}
+    assert forms == {torch.uint8, torch.int16}
+
+    result = export_bundle_onnx(bundle, tmp_path / "onnx")
+
+    assert all(row["max_abs_diff"] <= defaults.ONNX_ATOL for row in result.values())
 
 
 def test_a_model_that_changed_after_export_fails_the_check(tmp_path):
