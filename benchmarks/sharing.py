@@ -411,10 +411,12 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         "hybrid": "v-",
         "jtucker_sparse": "^-",
         "jtucker_taskrank": "P-.",
+        "share_sparse": "X-",
     }
     for ax, unit in zip(axes, units, strict=True):
-        for method, style in styles.items():
+        for method in METHODS:
             points = sorted(_points(rows, method, unit))
+            style = styles.get(method, ".-")
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=method, markersize=7)
         ax.axhline(LIMIT_PP, color="grey", lw=0.8, ls=":", label=f"{LIMIT_PP:g} pp drop")

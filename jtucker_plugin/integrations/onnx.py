@@ -76,12 +76,14 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(_EXPORT_BATCH, *input_shape)
     with _eval_mode(model), warnings.catch_warnings():
-        # The TorchScript exporter announces its deprecation and skips folding strided slices
-        # (the option-A shortcut); neither changes the file's numbers.
+        # The TorchScript exporter announces its deprecation, skips folding strided slices (the
+        # option-A shortcut), and warns that index_add would be wrong for repeated indices (a
+        # sparse layer's positions are distinct by construction); none changes the file's numbers.
         for message in (
             "You are using the legacy TorchScript",
             "The feature will be removed",
             "Constant folding",
+            "Warning: ONNX export does not support duplicated values in 'index'",
         ):
             warnings.filterwarnings("ignore", message=message)
         torch.onnx.export(

@@ -146,16 +146,18 @@ def _load_stored_positions(module: nn.Module, state_dict: dict, prefix: str, nam
         setattr(module, name, torch.empty_like(stored, device=getattr(module, name).device))
 
 
-def scatter_entries(values: Tensor, stored: Tensor, numel: int) -> Tensor:
-    """``numel`` zeros with ``values`` at the positions ``stored`` holds (``encode_positions``).
+def scatter_entries(values: Tensor, stored: Tensor, numel: int, base: Tensor | None = None) -> Tensor:
+    """``base`` (default ``numel`` zeros) plus ``values`` at the positions ``stored`` holds.
 
-    Differentiable in ``values``, and free of data-dependent shapes, so that torch.export traces it.
+    ``stored`` is in ``encode_positions`` form. Differentiable in ``values`` and ``base``, and
+    free of data-dependent shapes, so that torch.export and the ONNX exporter trace it.
     """
-    out = values.new_zeros(numel)
-    if stored.dtype == torch.uint8:
-        bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) % 2  # not & 1: ONNX exports it
-        return out.masked_scatter(bits.reshape(-1)[:numel].bool(), values)
-    return out.index_put((decode_positions(stored),), values)
+    if stored.dtype != torch.uint8:
+        out = values.new_zeros(numel) if base is None else base
+        return out.index_add(0, decode_positions(stored), values.to(out.dtype))
+    bits = (stored.unsqueeze(1) >> _BIT_SHIFTS.to(stored.device)) % 2  # not & 1: ONNX exports it
+    scattered = values.new_zeros(numel).masked_scatter(bits.reshape(-1)[:numel].bool(), values)
+    return scattered if base is None else base + scattered.to(base.dtype)
 
 
 def _split(flat: Tensor, shape: tuple[int, ...], bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -358,8 +360,8 @@ class HybridLayer(ComposedLayer):
         flat = self.shared_weight.reshape(-1)
         if self.shared_bias is not None:
             flat = torch.cat([flat, self.shared_bias])
-        delta = scatter_entries(self.delta_values.to(flat.dtype), self.delta_indices, self.numel)
-        return _split(flat + delta, self.weight_shape, self.has_bias)
+        flat = scatter_entries(self.delta_values, self.delta_indices, self.numel, base=flat)
+        return _split(flat, self.weight_shape, self.has_bias)
 
     def delta(self) -> Tensor:
         """The dense delta ``S_t`` over the flattened ``[weight, bias]`` (for inspection)."""
