@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import struct
 
 import pytest
@@ -124,11 +123,11 @@ def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_pat
     assert storage["file_bytes"] == file.stat().st_size
     assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
     groups = hybrid_groups(bundle.models)
-    # Every layer of resnet8 at width 0.5 has at most 65,536 entries: 2-byte positions, or one
-    # bit per entry where that is smaller (density 0.1 > 1/16: the bitmask).
+    # Every layer of resnet8 at width 0.5 has at most 65,536 entries and density 0.1 keeps fewer
+    # than 1 in 8: 2-byte positions (a bitmask would not halve them).
     members = [layer for group in groups.values() for layer in group]
-    assert storage["index_bytes"] == sum(min(2 * m.nnz, math.ceil(m.numel / 8)) for m in members)
-    assert {m.delta_indices.dtype for m in members} == {torch.uint8}
+    assert {m.delta_indices.dtype for m in members} == {torch.int16}
+    assert storage["index_bytes"] == 2 * storage["nonzeros"]
     assert storage["value_bytes"] == 4 * storage["nonzeros"]
     shared = sum(g[0].shared_weight.numel() for g in groups.values())
     others = sum(
@@ -167,7 +166,7 @@ def test_positions_use_two_bytes_up_to_65536_entries_then_four():
     assert layer.numel == 300 * 300 + 300 and layer.delta_indices.dtype == torch.int32
 
 
-def test_positions_become_a_bitmask_when_that_is_smaller():
+def test_positions_become_a_bitmask_when_that_halves_their_bytes():
     many = torch.arange(0, 288, 3)  # 96 of 288 entries: 192 bytes as int16, 36 as bits
     stored = encode_positions(many, 288)
     assert stored.dtype == torch.uint8 and stored.numel() == 36
@@ -175,7 +174,9 @@ def test_positions_become_a_bitmask_when_that_is_smaller():
     ragged = torch.tensor([0, 5, 9, 10])  # 11 entries: 2 bytes of bits, the last one partly used
     assert encode_positions(ragged, 11).numel() == 2
     assert torch.equal(decode_positions(encode_positions(ragged, 11)), ragged)
-    assert encode_positions(many[:17], 288).dtype == torch.int16  # 34 bytes < 36
+    # a bitmask (36 bytes) only once it halves the positions' bytes: 36 of them, not 35
+    assert encode_positions(many[:36], 288).dtype == torch.uint8
+    assert encode_positions(many[:35], 288).dtype == torch.int16
 
 
 def test_a_delta_saved_with_two_byte_positions_loads_into_a_bitmask_layer():
