@@ -21,7 +21,7 @@ With gradients (training) the weight is always rebuilt, so that gradients reach 
 weight (and bias) is ONE ``nn.Parameter`` object in every task's layer: stored, counted and
 trained once. ``S_t`` is stored compactly as its ``nnz`` non-zero values (a parameter) and their
 positions in the flattened ``[weight, bias]`` (a buffer), so ``Bundle.save`` writes exactly
-values + indices. Positions are stored in the smallest of three forms (``encode_positions``):
+values + indices. Positions are stored in one of three forms (``encode_positions``):
 2 bytes each (``int16``, stored as ``position - 32768`` so the whole 16-bit range is used) when
 the layer has at most 65,536 entries, else 4 (``int32``), or one bit per entry (a ``uint8``
 bitmask) once that takes at most half the bytes: more than 1 entry in 8 stored (1 in 16 for
@@ -81,7 +81,7 @@ _PLAIN_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def index_dtype(numel: int, nnz: int = 0) -> torch.dtype:
-    """The dtype that stores ``nnz`` positions in a tensor of ``numel`` entries: the smallest form.
+    """The dtype that stores ``nnz`` positions in a tensor of ``numel`` entries.
 
     ``int16`` (2 bytes a position) up to 65,536 entries, else ``int32`` (4 bytes), or a
     ``uint8`` bitmask (``ceil(numel / 8)`` bytes, whatever ``nnz``) when that is at most half
