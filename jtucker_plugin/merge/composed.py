@@ -143,14 +143,6 @@ def check_entries(positions: Tensor, values: Tensor, numel: int, what: str) -> t
     return positions[order], values[order]
 
 
-def _load_stored_positions(module: nn.Module, state_dict: dict, prefix: str, name: str) -> None:
-    # Which form a module starts with depends on its nnz; a saved one may be in another (bundles
-    # written before the bitmask form, or an equal-size choice): take the stored tensor's form.
-    stored = state_dict.get(prefix + name)
-    if isinstance(stored, Tensor) and getattr(module, name).dtype != stored.dtype:
-        setattr(module, name, torch.empty_like(stored, device=getattr(module, name).device))
-
-
 def scatter_entries(values: Tensor, stored: Tensor, numel: int, base: Tensor | None = None) -> Tensor:
     """``base`` (default ``numel`` zeros) plus ``values`` at the positions ``stored`` holds.
 
@@ -300,8 +292,54 @@ class ComposedLayer(nn.Module, metaclass=abc.ABCMeta):
         return module
 
 
+class StoredEntries(ComposedLayer):
+    """A composed layer that stores ``nnz`` entries at positions: Hybrid's delta, a sparse weight.
+
+    Subclasses name the buffer of the positions (``positions_buffer``) and define ``nnz``,
+    ``numel`` and the parts; this class reads the positions, loads them in whichever form they
+    were saved, and describes the layer.
+    """
+
+    positions_buffer: str
+
+    @property
+    @abc.abstractmethod
+    def nnz(self) -> int:
+        """Stored entries."""
+
+    @property
+    @abc.abstractmethod
+    def numel(self) -> int:
+        """Entries the positions index."""
+
+    def positions(self) -> Tensor:
+        """The stored entries' flat positions (``int64``, ascending)."""
+        return decode_positions(getattr(self, self.positions_buffer))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Which form a layer starts with depends on its nnz; a saved one may be in another
+        # (bundles written before the bitmask form): take the stored tensor's form.
+        stored = state_dict.get(prefix + self.positions_buffer)
+        current = getattr(self, self.positions_buffer)
+        if isinstance(stored, Tensor) and current.dtype != stored.dtype:
+            setattr(self, self.positions_buffer, torch.empty_like(stored, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def layer_config(self) -> dict[str, Any]:
+        return {
+            "op": type(self.op).__name__,
+            "config": layers.layer_config(self.op),
+            "bias": self.has_bias,
+            "nnz": self.nnz,
+            "materialize": self.materialize,
+        }
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
+
+
 @layers.register_layer
-class HybridLayer(ComposedLayer):
+class HybridLayer(StoredEntries):
     """``W_t = W_shared + S_t``: a weight shared by all tasks plus this task's sparse delta.
 
     Parameters
@@ -322,6 +360,8 @@ class HybridLayer(ComposedLayer):
     delta_indices
         Buffer of their positions, ascending, in ``encode_positions`` form.
     """
+
+    positions_buffer = "delta_indices"
 
     def __init__(
         self,
@@ -352,10 +392,6 @@ class HybridLayer(ComposedLayer):
     @property
     def has_bias(self) -> bool:
         return self.shared_bias is not None
-
-    def positions(self) -> Tensor:
-        """The delta's positions in the flattened ``[weight, bias]`` (``int64``)."""
-        return decode_positions(self.delta_indices)
 
     def parts(self) -> tuple[Tensor, ...]:
         shared = (self.shared_weight,) if self.shared_bias is None else (self.shared_weight, self.shared_bias)
@@ -391,10 +427,6 @@ class HybridLayer(ComposedLayer):
         self.delta_indices = encode_positions(positions, self.numel).to(self.delta_indices.device)
         self._cache = None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _load_stored_positions(self, state_dict, prefix, "delta_indices")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def keep_largest(self, k: int) -> None:
         """Keep the ``k`` delta values of largest magnitude (all if ``k >= nnz``)."""
         if k >= self.nnz:
@@ -402,26 +434,14 @@ class HybridLayer(ComposedLayer):
         top = self.delta_values.detach().abs().topk(max(k, 0)).indices
         self.set_delta(self.positions()[top], self.delta_values.detach()[top])
 
-    def layer_config(self) -> dict[str, Any]:
-        return {
-            "op": type(self.op).__name__,
-            "config": layers.layer_config(self.op),
-            "bias": self.has_bias,
-            "nnz": self.nnz,
-            "materialize": self.materialize,
-        }
-
-    def extra_repr(self) -> str:
-        return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
-
 
 @layers.register_layer
-class SparseLayer(ComposedLayer):
+class SparseLayer(StoredEntries):
     """A conv or linear layer storing only its kept weight entries: ``values`` at positions.
 
     Unstructured sparsity (``merge.sparse``). The weight is zero but at the stored positions;
-    the bias, if any, stays dense. Only ``values`` is a parameter, so training moves the kept
-    entries and the zeros stay zero: the mask is fixed by construction.
+    the bias, if any, stays dense. Of the weight only ``values`` is a parameter, so training
+    moves the kept entries and the zeros stay zero: the mask is fixed by construction.
 
     Parameters
     ----------
@@ -438,9 +458,12 @@ class SparseLayer(ComposedLayer):
         ``nn.Parameter`` of ``nnz`` values, in ascending position order.
     indices
         Buffer of their positions in the flattened weight, in ``encode_positions`` form.
-    bias
-        ``nn.Parameter`` or ``None``.
+    dense_bias
+        The bias, an ``nn.Parameter``, or ``None`` (``bias`` is the composed one, as for every
+        composed layer).
     """
+
+    positions_buffer = "indices"
 
     def __init__(
         self,
@@ -484,10 +507,6 @@ class SparseLayer(ComposedLayer):
     def has_bias(self) -> bool:
         return self.dense_bias is not None
 
-    def positions(self) -> Tensor:
-        """The kept entries' positions in the flattened weight (``int64``, ascending)."""
-        return decode_positions(self.indices)
-
     def parts(self) -> tuple[Tensor, ...]:
         bias = () if self.dense_bias is None else (self.dense_bias,)
         return (self.values, self.indices, *bias)
@@ -509,22 +528,6 @@ class SparseLayer(ComposedLayer):
         )
         self.indices = encode_positions(positions, self.numel).to(self.indices.device)
         self._cache = None
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _load_stored_positions(self, state_dict, prefix, "indices")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def layer_config(self) -> dict[str, Any]:
-        return {
-            "op": type(self.op).__name__,
-            "config": layers.layer_config(self.op),
-            "bias": self.has_bias,
-            "nnz": self.nnz,
-            "materialize": self.materialize,
-        }
-
-    def extra_repr(self) -> str:
-        return f"nnz={self.nnz}/{self.numel}, materialize={self.materialize}"
 
 
 class SparseDelta(ComposedLayer):
