@@ -1,4 +1,4 @@
-"""Unstructured sparsity: SparseLayer, sparsify, and their composition with training, save/load,
+"""Unstructured sparsity: SparseLayer, sparsify, and their composition with J-Tucker, training, save/load,
 prune and int8 (merge.sparse, stages/sparsify.py)."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from conftest import close_tasks_bundle
 from test_composition import SHAPE, X, _outputs, _prune_like
 from test_hybrid import _data
 
+from jtucker_plugin.decompose.apply import decompose_bundle
+from jtucker_plugin.decompose.ranks import RatioConfig, select_ranks
 from jtucker_plugin.integrations import inc_quantize
 from jtucker_plugin.merge.composed import SparseLayer
 from jtucker_plugin.merge.share import hard_share
@@ -263,3 +265,26 @@ def test_a_recipe_with_a_bad_density_fails_at_load_naming_the_stage_field(tiny_r
     stages = [{"share": {}}, {"sparsify": {"density": 2}}]
     with pytest.raises(ConfigError, match=r"stages\[1\]\.sparsify.*density: expected a number in \[0, 1\]"):
         load_recipe(tiny_recipe(stages))
+
+
+def test_sparsify_after_jtucker_cuts_factors_and_cores_and_keeps_shared_factors_shared(tmp_path):
+    bundle = close_tasks_bundle(3)
+    config = RatioConfig(ratio=0.5)
+    decompose_bundle(bundle, lambda infos, _: select_ranks(config, infos), joint=True, min_params=100)
+    before = bundle.unique_parameters()
+
+    sparsify(bundle, density=0.5)
+
+    layers = [m.layer2[0].conv1 for m in bundle.models.values()]
+    assert all(isinstance(layer.in_proj, SparseLayer) for layer in layers)
+    assert layers[0].in_proj is layers[1].in_proj is layers[2].in_proj  # J-Tucker's shared factor
+    assert layers[0].core is not layers[1].core  # a core per task
+    assert bundle.unique_parameters() < 0.6 * before
+    loaded = Bundle.load(bundle.save(tmp_path / "b"))
+    expected, got = _outputs(bundle.models), _outputs(loaded.models)
+    assert all(torch.equal(got[t], expected[t]) for t in bundle.tasks)
+    result = inc_quantize.quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in bundle.tasks})
+    for task in bundle.tasks:
+        with torch.no_grad():
+            error = (result.models[task](X) - expected[task]).abs().max()
+        assert error < 0.1 * expected[task].abs().max()
