@@ -122,7 +122,7 @@ def decode_positions(stored: Tensor) -> Tensor:
     return stored.to(torch.int64)
 
 
-def check_entries(positions: Tensor, values: Tensor, numel: int, what: str) -> tuple[Tensor, Tensor]:
+def _check_entries(positions: Tensor, values: Tensor, numel: int, what: str) -> tuple[Tensor, Tensor]:
     """``positions`` (int64) and ``values``, flat, sorted by position, checked.
 
     Raises
@@ -419,7 +419,7 @@ class HybridLayer(StoredEntries):
         ValueError
             If the shapes differ, a position is out of range or repeated.
         """
-        positions, values = check_entries(positions, values, self.numel, "set_delta")
+        positions, values = _check_entries(positions, values, self.numel, "set_delta")
         dtype = self.shared_weight.dtype
         self.delta_values = nn.Parameter(
             values.to(dtype).clone(), requires_grad=self.delta_values.requires_grad
@@ -522,7 +522,7 @@ class SparseLayer(StoredEntries):
         ValueError
             If the shapes differ, a position is out of range or repeated.
         """
-        positions, values = check_entries(positions, values, self.numel, "set_entries")
+        positions, values = _check_entries(positions, values, self.numel, "set_entries")
         self.values = nn.Parameter(
             values.to(self.values.dtype).clone(), requires_grad=self.values.requires_grad
         )
