@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from jtucker_plugin import defaults, layers
 from jtucker_plugin.decompose.layers import FactorizedLinear, TuckerConv2d
 from jtucker_plugin.merge.composed import ComposedLayer
-from jtucker_plugin.merge.hybrid import allocate_nonzeros, check_target, make_hybrid
+from jtucker_plugin.merge.hybrid import make_hybrid
+from jtucker_plugin.merge.nonzeros import allocate_nonzeros, check_target
 from jtucker_plugin.multitask import Bundle
 
 CORES = ("per_task", "shared_sparse", "task_rank")

@@ -39,7 +39,7 @@ from torch import nn
 
 from jtucker_plugin import defaults
 from jtucker_plugin.merge.composed import SparseLayer, is_plain_layer
-from jtucker_plugin.merge.hybrid import allocate_nonzeros, check_target
+from jtucker_plugin.merge.nonzeros import allocate_nonzeros, check_target
 from jtucker_plugin.merge.patterns import check_patterns, check_patterns_match, patterns_of
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle

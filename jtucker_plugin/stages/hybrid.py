@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 from jtucker_plugin import defaults
-from jtucker_plugin.merge.hybrid import check_target, hybrid_storage, hybridize, train_hybrid
+from jtucker_plugin.merge.hybrid import hybrid_storage, hybridize, train_hybrid
+from jtucker_plugin.merge.nonzeros import check_target
 from jtucker_plugin.multitask import Bundle
 from jtucker_plugin.recipe.registry import register_stage
 from jtucker_plugin.recipe.stage import StageContext, StageResult

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jtucker_plugin import defaults
-from jtucker_plugin.merge.hybrid import check_target
+from jtucker_plugin.merge.nonzeros import check_target
 from jtucker_plugin.merge.sparse import sparsify
 from jtucker_plugin.metrics import state_bytes
 from jtucker_plugin.multitask import Bundle

@@ -14,7 +14,6 @@ import jtucker_plugin.stages.hybrid  # noqa: F401  (registers the stage)
 from jtucker_plugin.data import ArrayDataset, TaskData
 from jtucker_plugin.merge.composed import HybridLayer, decode_positions, encode_positions, index_dtype
 from jtucker_plugin.merge.hybrid import (
-    allocate_nonzeros,
     hybrid_groups,
     hybrid_storage,
     hybridize,
@@ -22,6 +21,7 @@ from jtucker_plugin.merge.hybrid import (
     nonzero_schedule,
     train_hybrid,
 )
+from jtucker_plugin.merge.nonzeros import allocate_nonzeros
 from jtucker_plugin.merge.share import hard_share
 from jtucker_plugin.metrics import count_macs
 from jtucker_plugin.multitask import TENSORS, Bundle
