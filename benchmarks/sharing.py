@@ -52,8 +52,10 @@ share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and ``i
 least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
-``sharing-<scenario>[-quick]-pt<torch>-cpu``: ``.csv`` (one row per point), ``.json`` (summary,
-environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8 bytes).
+``sharing-<scenario>[<options>]-pt<torch>-cpu``, the options every setting given that changes the
+result (``-ft15-test1000-seed1-share+share_sparse``, say): ``.csv`` (one row per point), ``.json``
+(summary, environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8
+bytes).
 
 Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--scenario vgg] [--quick]
 [--finetune-epochs N] [--distill W] [--methods ...] [--shared-core-budgets F ...] [--threads 1]``.
@@ -109,6 +111,13 @@ OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank", "share_sparse")
 INT8_TARGET = 20.0
 PLOT_TOP_PP = 6.0
 CALIBRATION_BATCHES = 4
+# How a size given on the command line shows in the result files' names.
+SIZE_TAGS = {
+    "train_per_class": "train",
+    "test_per_class": "test",
+    "base_epochs": "base",
+    "finetune_epochs": "ft",
+}
 
 
 @dataclass(frozen=True)
@@ -294,13 +303,16 @@ def run(args: argparse.Namespace) -> None:
     version = torch.__version__.split("+")[0]
     scenario = SCENARIOS[args.scenario]
     budgets = "-".join(f"{b:g}" for b in args.shared_core_budgets or ())
+    # Every option that changes the result is in the name: a run never overwrites another's.
     variant = "".join(
         (
+            *(f"-{short}{overrides[k]}" for k, short in SIZE_TAGS.items() if k in overrides),
             f"-distill{args.distill:g}" if args.distill else "",
             f"-density{args.core_density:g}" if args.core_density is not None else "",
             f"-budgets{budgets}" if budgets else "",
             f"-sparse{'-'.join(f'{d:g}' for d in args.sparse_densities)}" if args.sparse_densities else "",
             f"-seed{s.seed}" if s.seed else "",
+            f"-{'+'.join(methods)}" if args.methods else "",
             "-quick" if args.quick else "",
         )
     )
