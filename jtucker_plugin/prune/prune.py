@@ -37,7 +37,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from jtucker_plugin import defaults
-from jtucker_plugin.merge.branches import BRANCHES, PRUNERS, from_branches, to_branches
+from jtucker_plugin.merge.branches import BRANCHES, PRUNERS, MixBranches, from_branches, to_branches
 from jtucker_plugin.metrics import count_macs
 from jtucker_plugin.models import head_name
 from jtucker_plugin.multitask import Bundle
@@ -272,9 +272,15 @@ def prune_bundle(
     flags = [(m, m.training) for m in net.modules()]
     try:
         ignored = ignored_modules(bundle, ignored_layers)
+        # A task-mixed core's mixing weights (its task-mode rank, not channels) belong to no conv or
+        # linear layer, so torch-pruning would warn and prune their last dimension along with the
+        # basis layers' channels: declare them (unwrapped_parameters) and keep them whole (an
+        # nn.Parameter in ignored_layers becomes one of torch-pruning's ignored_params).
+        mixes = [m.mix for m in net.modules() if isinstance(m, MixBranches)]
         options = {
             "global_pruning": global_pruning,
-            "ignored_layers": ignored,
+            "ignored_layers": ignored + mixes,
+            "unwrapped_parameters": [(p, 0) for p in mixes],
             "round_to": round_to,
             "max_pruning_ratio": max_pruning_ratio,
             "root_module_types": list(_ROOT_TYPES),
@@ -359,11 +365,17 @@ def _accumulate_gradients(net: BundleNet, batches: Sequence[Batch]) -> None:
 def _frozen_scores(
     net: BundleNet, example: tuple, imp: tp.importance.Importance, options: dict
 ) -> _FrozenImportance:
+    ignored = [m for m in options["ignored_layers"] if isinstance(m, nn.Module)]
     DG = tp.DependencyGraph().build_dependency(
-        net, example, verbose=False, customized_pruners=options["customized_pruners"]
+        net,
+        example,
+        verbose=False,
+        customized_pruners=options["customized_pruners"],
+        unwrapped_parameters=list(options["unwrapped_parameters"]),
+        ignored_params=[p for p in options["ignored_layers"] if isinstance(p, nn.Parameter)],
     )
     scores = {}
-    for group in DG.get_all_groups(ignored_layers=options["ignored_layers"], root_module_types=_ROOT_TYPES):
+    for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
         score = imp(group)
         if score is not None:
             scores[DG._module2name[group[0].dep.target.module]] = score.detach().cpu()
@@ -377,9 +389,14 @@ def _ratio_for_macs(
 
     def macs_at(ratio: float) -> int:
         trial = copy.deepcopy(net)
-        ignored = [_same_module(trial, net, m) for m in options["ignored_layers"]]
+        ignored = [_same_part(trial, net, m) for m in options["ignored_layers"]]
+        unwrapped = [(_same_part(trial, net, p), dim) for p, dim in options["unwrapped_parameters"]]
         tp.pruner.BasePruner(
-            trial, example, importance=frozen, pruning_ratio=ratio, **{**options, "ignored_layers": ignored}
+            trial,
+            example,
+            importance=frozen,
+            pruning_ratio=ratio,
+            **{**options, "ignored_layers": ignored, "unwrapped_parameters": unwrapped},
         ).step()
         return _net_macs(trial, example)
 
@@ -426,9 +443,15 @@ def _net_macs(net: nn.Module, example: tuple) -> int:
     return total
 
 
-def _same_module(copy_root: nn.Module, original_root: nn.Module, module: nn.Module) -> nn.Module:
+def _same_part(
+    copy_root: nn.Module, original_root: nn.Module, part: nn.Module | nn.Parameter
+) -> nn.Module | nn.Parameter:
+    """The module or parameter of ``copy_root`` (a deep copy) that is ``part`` of ``original_root``."""
+    if isinstance(part, nn.Parameter):
+        names = {id(p): n for n, p in original_root.named_parameters()}
+        return copy_root.get_parameter(names[id(part)])
     names = {id(m): n for n, m in original_root.named_modules()}
-    return copy_root.get_submodule(names[id(module)])
+    return copy_root.get_submodule(names[id(part)])
 
 
 class _Tracker:

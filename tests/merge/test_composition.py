@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import close_tasks_bundle
 
 from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.ranks import RatioConfig, rank_config_from_dict, select_ranks
-from jtucker_plugin.decompose.shared_core import CoreSharing, share_cores
+from jtucker_plugin.decompose.shared_core import CoreSharing, TaskMixLayer, share_cores
 from jtucker_plugin.integrations.inc_quantize import quantize_tasks
 from jtucker_plugin.merge.branches import HybridBranches, from_branches, to_branches
 from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer
@@ -149,6 +150,32 @@ def test_prune_after_sharing_equals_pruning_each_dense_task_model_at_the_same_ch
         layers = [m.get_submodule(name) for m in bundle.models.values()]
         assert all(layer.parts()[0] is layers[0].parts()[0] for layer in layers)
     assert result["parameters_after"] == bundle.unique_parameters() < result["parameters_before"]
+
+
+@pytest.mark.parametrize("amount", [{"pruning_ratio": 0.5}, {"macs_target": 0.6}])
+def test_pruning_task_mixed_cores_leaves_every_mix_whole_without_an_unwrapped_parameter_warning(amount):
+    bundle = _task_mix_bundle()
+    before = {(t, n): m.mix.detach().clone() for t, n, m in _task_mix_layers(bundle)}
+    assert before
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_bundle(bundle, "magnitude", iterative_steps=2, **amount)
+
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+    assert any(r["stage"] == "prune" and r["layer"].endswith(".core") for r in bundle.history)
+    after = {(t, n): m.mix.detach() for t, n, m in _task_mix_layers(bundle)}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the task-mode rank is no channel
+
+
+def _task_mix_layers(bundle: Bundle) -> list[tuple[str, str, TaskMixLayer]]:
+    return [
+        (t, n, m)
+        for t, model in bundle.models.items()
+        for n, m in model.named_modules()
+        if isinstance(m, TaskMixLayer)
+    ]
 
 
 def test_jtucker_after_hybrid_keeps_the_hybrid_layers_and_says_why():
