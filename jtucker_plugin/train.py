@@ -25,6 +25,7 @@ from torch import nn
 from jtucker_plugin.data import ArrayDataset, TaskData, iterate_batches
 
 Progress = Callable[..., Iterable]
+EpochEnd = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def fit(
     seed: int = 0,
     progress: Progress | None = None,
     distill: Distillation | None = None,
+    epoch_end: EpochEnd | None = None,
 ) -> dict[str, float]:
     """Train task models in place; returns each task's mean loss over the last epoch.
 
@@ -134,6 +136,12 @@ def fit(
         ``progress(iterable, total=..., desc=...)``, e.g. ``tqdm``; ``None`` for silence.
     distill
         Teachers to distil from; every trained task needs one.
+    epoch_end
+        Called after every epoch (of each task alone, or of all at once when ``joint``) as
+        ``epoch_end(epoch, losses)``: the 0-based epoch and each task's mean loss over it. It may
+        replace parameters (a pruning step that shrinks a tensor): training goes on with the
+        models' current parameters in the same optimiser, so the learning-rate schedule and the
+        momentum of every parameter it keeps run on as in one uninterrupted fit.
 
     Raises
     ------
@@ -153,7 +161,13 @@ def fit(
     for group in groups:
         losses.update(
             _fit_group(
-                {t: models[t] for t in group}, {t: data[t] for t in group}, config, seed, progress, distill
+                {t: models[t] for t in group},
+                {t: data[t] for t in group},
+                config,
+                seed,
+                progress,
+                distill,
+                epoch_end,
             )
         )
     return losses
@@ -178,7 +192,7 @@ def _task_loss(criterion: nn.Module, distill: Distillation | None, task: str):
     return loss
 
 
-def _fit_group(models, data, config, seed, progress, distill=None) -> dict[str, float]:
+def _fit_group(models, data, config, seed, progress, distill=None, epoch_end=None) -> dict[str, float]:
     params = unique_parameters(models.values())
     steps = _steps_per_epoch((d.train for d in data.values()), config)
     total = steps * config.epochs
@@ -212,7 +226,23 @@ def _fit_group(models, data, config, seed, progress, distill=None) -> dict[str, 
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if epoch_end is not None and (step + 1) % steps == 0:
+            epoch_end(step // steps, {t: s / steps for t, s in sums.items()})
+            _follow_parameters(optimizer, models.values())
     return {t: s / steps for t, s in sums.items()}
+
+
+def _follow_parameters(optimizer: torch.optim.Optimizer, models: Iterable[nn.Module]) -> None:
+    """Point ``optimizer`` (one parameter group) at the models' current parameters.
+
+    Parameters it already had keep their state (momentum); new ones start without; state of
+    parameters no longer in the models is dropped.
+    """
+    params = unique_parameters(models)
+    ids = {id(p) for p in params}
+    optimizer.param_groups[0]["params"] = params
+    for p in [p for p in optimizer.state if id(p) not in ids]:
+        del optimizer.state[p]
 
 
 @torch.inference_mode()

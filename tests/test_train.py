@@ -1,5 +1,5 @@
-"""Distillation: train.fit pulls the student towards its teacher; the finetune stage takes its
-teachers from an earlier stage; bad settings are named."""
+"""train.fit: distillation pulls the student towards its teacher (and the finetune stage takes its
+teachers from an earlier stage; bad settings are named); epoch_end may replace parameters."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def _mean_kl_to_teachers(out_dir, stage: str) -> float:
             {"jtucker": {"ranks": {"strategy": "ratio", "ratio": 0.5}, "min_params": 0}},
             {"finetune": {"epochs": 3, "batch_size": 16}},
         ),
-        (None, {"hybrid": {"density": 0.02, "epochs": 3, "batch_size": 16}}),
+        # At the training's learning rate: the noise labels move a student that is not pulled.
+        (None, {"hybrid": {"density": 0.02, "epochs": 3, "batch_size": 16, "lr": 0.05}}),
     ],
     ids=["finetune", "hybrid"],
 )
@@ -113,3 +114,29 @@ def test_bad_distillation_options_are_named_when_the_recipe_loads(tiny_recipe):
         load_recipe(tiny_recipe([{"hybrid": {"density": 0.1, "distill": 0.5, "teacher_stage": 0}}]))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.hybrid\.joint: .*trains all tasks jointly"):
         load_recipe(tiny_recipe([{"hybrid": {"density": 0.1, "joint": False}}]))
+
+
+def test_epoch_end_sees_every_epoch_and_a_parameter_it_replaces_trains_on():
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+
+    data = {"a": _data(0)}
+    config = FitConfig(epochs=3, batch_size=16, max_batches=2, lr=0.05)
+    plain, watched, cut = model(), model(), model()
+    fit({"a": plain}, data, config, seed=1)
+    seen = []
+    fit({"a": watched}, data, config, seed=1, epoch_end=lambda epoch, losses: seen.append((epoch, losses)))
+    # Watching changes nothing: the same optimiser and schedule throughout.
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), watched.parameters(), strict=True))
+    assert [e for e, _ in seen] == [0, 1, 2] and all(set(losses) == {"a"} for _, losses in seen)
+
+    replaced = {}
+
+    def replace_weight(epoch: int, losses: dict[str, float]) -> None:
+        if epoch == 0:  # a pruning step would make a new, smaller tensor
+            cut[1].weight = torch.nn.Parameter(cut[1].weight.detach().clone())
+            replaced["weight"] = cut[1].weight.detach().clone()
+
+    fit({"a": cut}, data, config, seed=1, epoch_end=replace_weight)
+    assert not torch.equal(cut[1].weight, replaced["weight"])  # the new parameter was trained

@@ -316,10 +316,11 @@ def train_hybrid(
 ) -> list[dict[str, Any]]:
     """Fine-tune all tasks jointly while the deltas shrink to the target on a cubic schedule.
 
-    Each epoch is one ``fit`` call (joint, the learning rate following ``config.schedule``
-    across epochs) with the L1 penalty on the deltas; after each of the first ``prune_epochs``
-    epochs the deltas are cut back by magnitude to the schedule's next level, the last one the
-    target. The remaining epochs train with the masks fixed.
+    One joint ``fit`` over all epochs, with the L1 penalty on the deltas; after each of the
+    first ``prune_epochs`` epochs the deltas are cut back by magnitude to the schedule's next
+    level, the last one the target. The remaining epochs train with the masks fixed. The
+    optimiser's momentum and learning-rate schedule run across the cuts (``fit``'s
+    ``epoch_end``).
 
     Parameters
     ----------
@@ -362,22 +363,37 @@ def train_hybrid(
         levels = [{"budget": round(v)} for v in nonzero_schedule(start, budget, prune_epochs)]
     if prune_epochs == 0:
         prune_deltas(groups, density=density, budget=budget)
-    records = []
-    # The training fields only: a subclass's own checks (a stage's prune_epochs <= epochs) do
-    # not hold for one-epoch steps.
-    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(FitConfig)}
-    for epoch in range(epochs):
-        lr = config.lr
-        if config.schedule == "cosine":
-            lr *= 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        step = FitConfig(**{**training, "epochs": 1, "lr": lr, "schedule": "constant", "joint": True})
-        # Pruning replaced the values: the hooks go on the current ones, each epoch.
-        with l1_penalty(members, l1):
-            losses = fit(bundle.models, data, step, seed=seed + epoch, progress=progress, distill=distill)
+    records: list[dict[str, Any]] = []
+    penalty = contextlib.ExitStack()
+
+    def epoch_end(epoch: int, losses: dict[str, float]) -> None:
         if epoch < prune_epochs:
             prune_deltas(groups, **levels[epoch])
-        records.append(
-            {"epoch": epoch + 1, "lr": lr, "nonzeros": sum(m.nnz for m in members), "loss": losses}
+            # Pruning replaced the values: the penalty moves to the new ones.
+            penalty.close()
+            penalty.enter_context(l1_penalty(members, l1))
+        lr = config.lr
+        if config.schedule == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * epoch / epochs))  # where the epoch started
+        nonzeros = sum(m.nnz for m in members)
+        records.append({"epoch": epoch + 1, "lr": lr, "nonzeros": nonzeros, "loss": losses})
+
+    # The training fields only: a subclass's own checks (a stage's prune_epochs <= epochs) are
+    # not FitConfig's.
+    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(FitConfig)}
+    with penalty:
+        penalty.enter_context(l1_penalty(members, l1))
+        # One fit over all epochs, pruning between them: one optimiser, whose momentum and
+        # learning-rate schedule run across epochs as in every other fine-tune (restarting them
+        # each epoch cost 0.7-1.0 pp after 78 steps on the ResNet-20 scenario).
+        fit(
+            bundle.models,
+            data,
+            FitConfig(**{**training, "joint": True}),
+            seed=seed,
+            progress=progress,
+            distill=distill,
+            epoch_end=epoch_end,
         )
     return records
 
