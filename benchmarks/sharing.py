@@ -53,8 +53,8 @@ share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and ``i
 least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
-``sharing-<scenario>[<options>]-pt<torch>-cpu``, the options every setting given that changes the
-result (``-ft15-test1000-seed1-share+share_sparse``, say): ``.csv`` (one row per point), ``.json``
+``sharing-<scenario>[<options>]-pt<torch>-cpu``, the options every setting that differs from the
+defaults (``-ft15-seed1-share+share_sparse``, say): ``.csv`` (one row per point), ``.json``
 (summary, environment) and ``.png`` (drop against the compression ratios: parameters, bytes, int8
 bytes).
 

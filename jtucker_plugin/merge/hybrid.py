@@ -378,9 +378,6 @@ def train_hybrid(
         nonzeros = sum(m.nnz for m in members)
         records.append({"epoch": epoch + 1, "lr": lr, "nonzeros": nonzeros, "loss": losses})
 
-    # The training fields only: a subclass's own checks (a stage's prune_epochs <= epochs) are
-    # not FitConfig's.
-    training = {f.name: getattr(config, f.name) for f in dataclasses.fields(FitConfig)}
     with penalty:
         penalty.enter_context(l1_penalty(members, l1))
         # One fit over all epochs, pruning between them: one optimiser, whose momentum and
@@ -389,7 +386,7 @@ def train_hybrid(
         fit(
             bundle.models,
             data,
-            FitConfig(**{**training, "joint": True}),
+            dataclasses.replace(config, joint=True),
             seed=seed,
             progress=progress,
             distill=distill,
