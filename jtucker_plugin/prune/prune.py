@@ -371,6 +371,7 @@ def _frozen_scores(
         example,
         verbose=False,
         customized_pruners=options["customized_pruners"],
+        # A copy: torch-pruning appends the parameters it detects itself to this list.
         unwrapped_parameters=list(options["unwrapped_parameters"]),
         ignored_params=[p for p in options["ignored_layers"] if isinstance(p, nn.Parameter)],
     )
