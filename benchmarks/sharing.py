@@ -22,7 +22,8 @@ Protocol, the one of ``benchmarks/joint_vs_individual.py``, the same training fo
 Methods: ``tucker`` (each task alone), ``jtucker`` (J-Tucker, a core per task), both at a budget
 fraction of the decomposed layers' dense parameters; ``share`` (hard sharing, ``merge.share``; all
 layers, then the scenario's ``share_variants``: more layers per task, for milder points);
-``hybrid`` (shared weight + sparse deltas, at densities); ``jtucker_sparse`` (J-Tucker, cores
+``hybrid`` (shared weight + sparse deltas, at densities); ``hybrid_sparse`` (the same with a
+sparse shared weight, at points ``(shared density, delta density)``); ``jtucker_sparse`` (J-Tucker, cores
 = shared core + sparse deltas at ``Settings.core_density``) and ``jtucker_taskrank`` (J-Tucker,
 task-mode rank ``Settings.task_rank``), both with ranks from the budget strategy at a fraction
 of the decomposed layers' dense parameters (all tasks) counted with the cores as they are stored
@@ -48,9 +49,9 @@ bytes over the int8 program's tensor bytes, its drop against the same fp32 refer
 "CR at <= 1 pp": the largest measured ratio whose mean drop is at most 1 pp (``best``) and the
 ratio where the curve, anchored at (1x, 0 pp), crosses 1 pp, interpolated in log(ratio)
 (``interp``; when only a method's first point is above 1 pp, the line from (1x, 0 pp) to it: a
-rough guess). Target of issue 6: the best of ours (hybrid, jtucker_sparse, jtucker_taskrank,
-share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and ``interp``, and at
-least 20x after int8.
+rough guess). Target of issue 6: the best of ours (hybrid, hybrid_sparse, jtucker_sparse,
+jtucker_taskrank, share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and
+``interp``, and at least 20x after int8.
 
 Output under ``--out`` (default ``benchmarks/results``), named
 ``sharing-<scenario>[<options>]-pt<torch>-cpu``, the options every setting that differs from the
@@ -59,7 +60,8 @@ defaults (``-ft15-seed1-share+share_sparse``, say): ``.csv`` (one row per point)
 bytes).
 
 Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--scenario vgg] [--quick]
-[--finetune-epochs N] [--distill W] [--methods ...] [--shared-core-budgets F ...] [--threads 1]``.
+[--finetune-epochs N] [--distill W] [--methods ...] [--shared-core-budgets F ...]
+[--hybrid-sparse-points S:D ...] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
 from jtucker_plugin.train import Distillation, FitConfig, evaluate, fit  # noqa: E402
 
 LIMIT_PP = 1.0
-OURS = ("hybrid", "jtucker_sparse", "jtucker_taskrank", "share_sparse")
+OURS = ("hybrid", "hybrid_sparse", "jtucker_sparse", "jtucker_taskrank", "share_sparse")
 INT8_TARGET = 20.0
 PLOT_TOP_PP = 6.0
 CALIBRATION_BATCHES = 4
@@ -135,6 +137,14 @@ class Settings(joint_vs_individual.Settings):
     # counted with the cores as stored: 1/3 stores about what hard sharing does
     shared_core_budgets: tuple[float, ...] = (0.35, 0.25, 0.18, 0.12)
     densities: tuple[float, ...] = (0.1, 0.03, 0.01)  # hybrid
+    # hybrid_sparse: (share of the shared weight's entries kept, delta density)
+    hybrid_sparse_points: tuple[tuple[float, float], ...] = (
+        (0.7, 0.03),
+        (0.6, 0.03),
+        (0.5, 0.02),
+        (0.45, 0.01),
+        (0.4, 0.01),
+    )
     # share_sparse: share of the shared layers' weight entries kept
     sparse_densities: tuple[float, ...] = (0.6, 0.55, 0.5, 0.45, 0.4, 0.3)
     # hard sharing: how many of the scenario's share_variants (more layers per task)
@@ -152,6 +162,7 @@ QUICK = Settings(
     budgets=(0.4,),
     shared_core_budgets=(0.2,),
     densities=(0.05,),
+    hybrid_sparse_points=((0.5, 0.05),),
     sparse_densities=(0.5,),
     share_points=1,
     pretrain_per_class=100,
@@ -208,9 +219,19 @@ def share(bundle: Bundle, keep: str, s: Settings, scenario: Scenario) -> None:
     hard_share(bundle, init="mean", keep_per_task=[*scenario.keep_per_task, *keep.split()])
 
 
-def hybrid(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> None:
+def hybrid_sparse(bundle: Bundle, point: tuple[float | None, float], s: Settings, scenario: Scenario) -> None:
+    shared_density, density = point
     # Start at 4x the target: the recovery fine-tune (train_hybrid) shrinks the deltas to it.
-    hybridize(bundle, density=min(1.0, 4 * density), keep_per_task=scenario.keep_per_task)
+    hybridize(
+        bundle,
+        density=min(1.0, 4 * density),
+        shared_density=shared_density,
+        keep_per_task=scenario.keep_per_task,
+    )
+
+
+def hybrid(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> None:
+    hybrid_sparse(bundle, (None, density), s, scenario)
 
 
 def share_sparse(bundle: Bundle, density: float, s: Settings, scenario: Scenario) -> None:
@@ -234,6 +255,7 @@ METHODS: dict[str, tuple[Callable, Callable[[Settings, Scenario], tuple]]] = {
     "jtucker": (jtucker, lambda s, _: s.budgets),
     "share": (share, lambda s, sc: tuple(" ".join(v) for v in sc.share_variants[: s.share_points])),
     "hybrid": (hybrid, lambda s, _: s.densities),
+    "hybrid_sparse": (hybrid_sparse, lambda s, _: s.hybrid_sparse_points),
     "jtucker_sparse": (jtucker_sparse, lambda s, _: s.shared_core_budgets),
     "jtucker_taskrank": (jtucker_taskrank, lambda s, _: s.shared_core_budgets),
     "share_sparse": (share_sparse, lambda s, _: s.sparse_densities),
@@ -250,8 +272,9 @@ def recover(
     distill: Distillation | None,
 ) -> None:
     """The recovery fine-tune: the same epochs and steps for every method."""
-    if method == "hybrid":
-        train_hybrid(bundle, data, config, density=setting, l1=s.l1, seed=s.seed, distill=distill)
+    if method in ("hybrid", "hybrid_sparse"):
+        density = setting if method == "hybrid" else setting[1]
+        train_hybrid(bundle, data, config, density=density, l1=s.l1, seed=s.seed, distill=distill)
     else:
         fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed, distill=distill)
 
@@ -299,6 +322,8 @@ def run(args: argparse.Namespace) -> None:
         overrides["core_density"] = args.core_density
     if args.sparse_densities:
         overrides["sparse_densities"] = tuple(args.sparse_densities)
+    if args.hybrid_sparse_points:
+        overrides["hybrid_sparse_points"] = tuple(args.hybrid_sparse_points)
     s = replace(standard, **overrides)
     methods = list(METHODS) if args.methods is None else args.methods
     torch.set_num_threads(args.threads)
@@ -318,6 +343,9 @@ def run(args: argparse.Namespace) -> None:
             f"-density{args.core_density:g}" if args.core_density is not None else "",
             f"-budgets{budgets}" if budgets else "",
             f"-sparse{'-'.join(f'{d:g}' for d in args.sparse_densities)}" if args.sparse_densities else "",
+            f"-hsparse{'-'.join(f'{a:g}_{b:g}' for a, b in args.hybrid_sparse_points)}"
+            if args.hybrid_sparse_points
+            else "",
             f"-seed{s.seed}" if s.seed else "",
             f"-{'+'.join(methods)}" if args.methods else "",
             "-quick" if args.quick else "",
@@ -428,6 +456,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         "jtucker": "o-",
         "share": "D:",
         "hybrid": "v-",
+        "hybrid_sparse": "<-",
         "jtucker_sparse": "^-",
         "jtucker_taskrank": "P-.",
         "share_sparse": "X-",
@@ -493,6 +522,14 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], tasks: list
             )
 
 
+def _point(text: str) -> tuple[float, float]:
+    try:
+        shared, delta = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected densities SHARED:DELTA, got {text!r}") from None
+    return shared, delta
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -509,6 +546,13 @@ def main(argv: list[str] | None = None) -> None:
         "--core-density", type=float, help="jtucker_sparse: the cores' delta density (0: one shared core)"
     )
     parser.add_argument("--sparse-densities", type=float, nargs="+", help="the sweep of share_sparse")
+    parser.add_argument(
+        "--hybrid-sparse-points",
+        type=_point,
+        nargs="+",
+        metavar="S:D",
+        help="the sweep of hybrid_sparse: shared weight density S, delta density D",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 measurement")
     parser.add_argument(

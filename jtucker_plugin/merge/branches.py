@@ -20,6 +20,10 @@ J-Tucker's task-mixed cores (``TaskMixLayer``, ``G_t = sum_r mix_t[r] B_r``) spl
 way, into ``MixBranches``: one plain layer per shared basis core ``B_r`` (tied across tasks)
 and the task's mixing weights, ``sum_r mix_t[r] (B_r x)``.
 
+A ``HybridLayer`` whose shared weight is sparse splits the same way, its shared part a
+``SparseLayer`` (one object, holding the tied values and positions) that is then treated as
+every ``SparseLayer`` is.
+
 A ``SparseLayer`` (``merge.sparse``) has no shared part to split off: for pruning it becomes one
 masked dense layer (one object wherever the layer was shared), and ``from_branches`` turns it
 back into a ``SparseLayer`` with the positions its mask still holds.
@@ -136,8 +140,8 @@ PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {
 
 def _masked_delta(layer: HybridLayer) -> nn.Module:
     module = _MASKED[type(layer.op).__name__](**layer.op_config())
-    module = module.to(dtype=layer.shared_weight.dtype, device=layer.shared_weight.device)
-    n = layer.shared_weight.numel()
+    module = module.to(dtype=layer.delta_values.dtype, device=layer.delta_values.device)
+    n = module.weight.numel()
     values = torch.zeros(layer.numel, dtype=module.weight.dtype, device=module.weight.device)
     mask = torch.zeros(layer.numel, dtype=torch.bool, device=module.weight.device)
     positions = layer.positions().to(values.device)
@@ -176,7 +180,20 @@ def _plain(layer: ComposedLayer, weight: nn.Parameter, bias: nn.Parameter | None
     return module
 
 
-def _shared_part(layer: ComposedLayer) -> nn.Module:
+def _shared_sparse(layer: HybridLayer) -> SparseLayer:
+    """A Hybrid layer's sparse shared weight as a ``SparseLayer`` holding the same tensors."""
+    op = type(layer.op).__name__
+    sparse = SparseLayer(op, layers.layer_config(layer.op), False, 0, layer.materialize)
+    sparse.values, sparse.indices = layer.shared_values, layer.shared_indices
+    if layer.shared_bias is not None:
+        sparse.dense_bias = layer.shared_bias
+    return sparse.train(layer.training)
+
+
+def _shared_part(layer: ComposedLayer, delta: str) -> nn.Module:
+    if isinstance(layer, HybridLayer) and layer.shared_values is not None:
+        sparse = _shared_sparse(layer)
+        return _masked_sparse(sparse) if delta == "masked" else sparse
     if isinstance(layer, HybridLayer):
         return _plain(layer, layer.shared_weight, layer.shared_bias)
     basis = layer.basis.detach()
@@ -205,7 +222,7 @@ def to_branches(models: Mapping[str, nn.Module], delta: Literal["masked", "spars
         for name, layer in composed:
             key = id(layer.parts()[0])
             if key not in shared:
-                shared[key] = _shared_part(layer)
+                shared[key] = _shared_part(layer, delta)
             if isinstance(layer, TaskMixLayer):
                 branches = MixBranches(shared[key], layer.mix, layer.materialize)
             else:
@@ -244,17 +261,34 @@ def _hybrid_layer(branches: HybridBranches, made: dict[int, Any]) -> HybridLayer
         mask = torch.cat([mask, part.bias_mask])
         values = torch.cat([values, part.bias.detach()])
     positions = mask.nonzero().reshape(-1)
+    if id(shared) not in made:
+        made[id(shared)] = _shared_parts(shared)
+    parts = made[id(shared)]
+    op = next(name for name, klass in _MASKED.items() if isinstance(part, klass))
     layer = HybridLayer(
-        type(shared).__name__,
-        layers.layer_config(shared),
+        op,
+        layers.layer_config_as(part, op),
         bias=shared.bias is not None,
         nnz=positions.numel(),
         materialize=branches.materialize,
+        shared_nnz=parts["shared_values"].numel() if "shared_values" in parts else None,
     ).to(dtype=shared.weight.dtype, device=shared.weight.device)
-    made.setdefault(id(shared), (shared.weight, shared.bias))
-    layer.shared_weight, layer.shared_bias = made[id(shared)]
+    for attr, tensor in parts.items():
+        setattr(layer, attr, tensor)
     layer.set_delta(positions, values[positions])
     return layer
+
+
+def _shared_parts(shared: nn.Module) -> dict[str, Tensor | None]:
+    """A Hybrid layer's shared tensors from its shared branch: plain, or masked (a sparse weight)."""
+    if not isinstance(shared, MASKED):
+        return {"shared_weight": shared.weight, "shared_bias": shared.bias}
+    sparse = _sparse_layer(shared)
+    return {
+        "shared_values": sparse.values,
+        "shared_indices": sparse.indices,
+        "shared_bias": sparse.dense_bias,
+    }
 
 
 def _sparse_layer(masked: nn.Module) -> SparseLayer:

@@ -342,19 +342,28 @@ class StoredEntries(ComposedLayer):
 class HybridLayer(StoredEntries):
     """``W_t = W_shared + S_t``: a weight shared by all tasks plus this task's sparse delta.
 
+    The shared weight is dense, or itself sparse (``shared_nnz``): its ``shared_nnz`` kept
+    entries at positions, as a ``SparseLayer`` stores them, tied across tasks too.
+
     Parameters
     ----------
     op, config, materialize
         See ``ComposedLayer``.
     bias
-        Whether the layer has a bias; it is shared and the delta covers it too.
+        Whether the layer has a bias; it is shared (dense) and the delta covers it too.
     nnz
         Non-zeros of the delta: entries of the flattened ``[weight, bias]`` that differ.
+    shared_nnz
+        Entries of the shared weight that are stored (``None``: all of it, dense).
 
     Attributes
     ----------
     shared_weight, shared_bias
         ``nn.Parameter``s; the same objects in every task's layer once tied (``merge.hybrid``).
+        ``shared_weight`` is ``None`` when the shared weight is sparse.
+    shared_values, shared_indices
+        A sparse shared weight: ``nn.Parameter`` of ``shared_nnz`` values and the buffer of their
+        positions in the flattened weight (``encode_positions`` form); ``None`` when it is dense.
     delta_values
         ``nn.Parameter`` of ``nnz`` values.
     delta_indices
@@ -370,9 +379,20 @@ class HybridLayer(StoredEntries):
         bias: bool = False,
         nnz: int = 0,
         materialize: bool = defaults.MATERIALIZE,
+        shared_nnz: int | None = None,
     ):
         super().__init__(op, config, materialize)
-        self.shared_weight = nn.Parameter(torch.zeros(self.weight_shape))
+        weight_entries = math.prod(self.weight_shape)
+        if shared_nnz is None:
+            self.shared_weight = nn.Parameter(torch.zeros(self.weight_shape))
+            self.register_parameter("shared_values", None)
+            self.register_buffer("shared_indices", None)
+        elif isinstance(shared_nnz, int) and 0 <= shared_nnz <= weight_entries:
+            self.register_parameter("shared_weight", None)
+            self.shared_values = nn.Parameter(torch.zeros(shared_nnz))
+            self.register_buffer("shared_indices", encode_positions(torch.arange(shared_nnz), weight_entries))
+        else:
+            raise ValueError(f"shared_nnz: expected an integer in [0, {weight_entries}], got {shared_nnz!r}")
         out = self.weight_shape[0]
         self.shared_bias = nn.Parameter(torch.zeros(out)) if bias else None
         if not isinstance(nnz, int) or not 0 <= nnz <= self.numel:
@@ -390,18 +410,30 @@ class HybridLayer(StoredEntries):
         return self.delta_values.numel()
 
     @property
+    def shared_nnz(self) -> int | None:
+        """Stored entries of a sparse shared weight; ``None`` when it is dense."""
+        return None if self.shared_values is None else self.shared_values.numel()
+
+    @property
     def has_bias(self) -> bool:
         return self.shared_bias is not None
 
     def parts(self) -> tuple[Tensor, ...]:
-        shared = (self.shared_weight,) if self.shared_bias is None else (self.shared_weight, self.shared_bias)
-        return (*shared, self.delta_values, self.delta_indices)
+        sparse = self.shared_values is not None
+        weight = (self.shared_values, self.shared_indices) if sparse else (self.shared_weight,)
+        bias = () if self.shared_bias is None else (self.shared_bias,)
+        return (*weight, *bias, self.delta_values, self.delta_indices)
+
+    def shared_flat(self) -> Tensor:
+        """The shared part, dense, as the flattened ``[weight, bias]`` (differentiably)."""
+        if self.shared_values is None:
+            flat = self.shared_weight.reshape(-1)
+        else:
+            flat = scatter_entries(self.shared_values, self.shared_indices, math.prod(self.weight_shape))
+        return flat if self.shared_bias is None else torch.cat([flat, self.shared_bias])
 
     def compose(self) -> tuple[Tensor, Tensor | None]:
-        flat = self.shared_weight.reshape(-1)
-        if self.shared_bias is not None:
-            flat = torch.cat([flat, self.shared_bias])
-        flat = scatter_entries(self.delta_values, self.delta_indices, self.numel, base=flat)
+        flat = scatter_entries(self.delta_values, self.delta_indices, self.numel, base=self.shared_flat())
         return _split(flat, self.weight_shape, self.has_bias)
 
     def delta(self) -> Tensor:
@@ -420,9 +452,8 @@ class HybridLayer(StoredEntries):
             If the shapes differ, a position is out of range or repeated.
         """
         positions, values = _check_entries(positions, values, self.numel, "set_delta")
-        dtype = self.shared_weight.dtype
         self.delta_values = nn.Parameter(
-            values.to(dtype).clone(), requires_grad=self.delta_values.requires_grad
+            values.to(self.parts()[0].dtype).clone(), requires_grad=self.delta_values.requires_grad
         )
         self.delta_indices = encode_positions(positions, self.numel).to(self.delta_indices.device)
         self._cache = None
@@ -433,6 +464,14 @@ class HybridLayer(StoredEntries):
             return
         top = self.delta_values.detach().abs().topk(max(k, 0)).indices
         self.set_delta(self.positions()[top], self.delta_values.detach()[top])
+
+    def layer_config(self) -> dict[str, Any]:
+        config = super().layer_config()
+        return config if self.shared_values is None else {**config, "shared_nnz": self.shared_nnz}
+
+    def extra_repr(self) -> str:
+        shared = "" if self.shared_values is None else f", shared_nnz={self.shared_nnz}"
+        return super().extra_repr() + shared
 
 
 @layers.register_layer
@@ -556,7 +595,7 @@ class SparseDelta(ComposedLayer):
             layer.delta_values,
             layer.delta_indices,
         )
-        return delta.to(device=layer.shared_weight.device)
+        return delta.to(device=layer.delta_values.device)
 
     def set_codes(self, codes: Tensor, scale: Tensor) -> None:
         """Store the values as integer ``codes`` (``values ~= codes * scale``, one scalar scale)."""

@@ -12,7 +12,13 @@ are fixed once the target is reached.
 
 Density 1 reconstructs every task exactly; density 0 is hard sharing (``merge.share``).
 
-Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)``. ``Bundle.unique_parameters``
+The shared weight may itself be sparse (``shared_density`` or ``shared_budget``): it keeps the
+mean's entries of largest magnitude, stored as values at positions (tied across tasks), and
+the deltas start from the largest differences to that sparse weight. Where the tasks agree,
+a cut entry costs nothing per task; where one task needs it, its delta restores it.
+
+Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)`` (a sparse ``W_shared``: its values
+and positions). ``Bundle.unique_parameters``
 counts the shared weight once and the ``nnz`` values per task; the indices (2 or 4 bytes each,
 see ``merge.composed``) are buffers and appear in the bytes (``hybrid_storage``).
 
@@ -43,7 +49,7 @@ from torch import Tensor, nn
 from jtucker_plugin import defaults
 from jtucker_plugin import layers as layer_configs
 from jtucker_plugin.data import TaskData
-from jtucker_plugin.merge.composed import HybridLayer, is_plain_layer
+from jtucker_plugin.merge.composed import HybridLayer, encode_positions, is_plain_layer
 from jtucker_plugin.merge.nonzeros import allocate_nonzeros, check_target
 from jtucker_plugin.merge.patterns import check_patterns, check_patterns_match, patterns_of
 from jtucker_plugin.metrics import state_bytes
@@ -113,31 +119,65 @@ def _flat(module: nn.Module) -> Tensor:
     return torch.cat(parts).to(torch.float64)
 
 
+def _shared_start(stacked: Tensor, weight_entries: int, keep: int | None) -> tuple[Tensor, Tensor | None]:
+    """The shared ``[weight, bias]`` to start from, and the positions of the weight entries kept.
+
+    The tasks' mean (rows of ``stacked``); with ``keep``, only its ``keep`` weight entries of
+    largest magnitude (ascending positions), zeros elsewhere. ``keep=None``: all of it (``None``).
+    """
+    mean = stacked.mean(0)
+    if keep is None:
+        return mean, None
+    positions = mean[:weight_entries].abs().topk(keep).indices.sort().values
+    shared = torch.zeros_like(mean)
+    shared[weight_entries:] = mean[weight_entries:]
+    shared[positions] = mean[positions]
+    return shared, positions
+
+
 @torch.no_grad()
 def make_hybrid(
-    originals: Sequence[nn.Module], counts: Sequence[int], *, materialize: bool = defaults.MATERIALIZE
+    originals: Sequence[nn.Module],
+    counts: Sequence[int],
+    *,
+    shared_count: int | None = None,
+    materialize: bool = defaults.MATERIALIZE,
 ) -> list[HybridLayer]:
     """One ``HybridLayer`` per task layer in ``originals``, all sharing one weight (their mean).
 
-    Task ``t`` keeps the ``counts[t]`` largest entries of ``W_t - W_shared`` as its delta
-    (differences taken from the float32 mean, so that density 1 gives ``W_t`` back to rounding).
+    With ``shared_count`` the shared weight keeps only that many entries of the mean, the
+    largest (``_shared_start``). Task ``t`` keeps the ``counts[t]`` largest entries of
+    ``W_t - W_shared`` as its delta (differences taken from the float32 shared weight, so that
+    density 1 gives ``W_t`` back to rounding).
     """
     first = originals[0]
     dtype, device = first.weight.dtype, first.weight.device
     stacked = torch.stack([_flat(m) for m in originals])
-    mean = stacked.mean(0).to(dtype)
-    diffs = stacked - mean.to(torch.float64)
     n_weight = first.weight.numel()
-    shared_weight = nn.Parameter(mean[:n_weight].view(first.weight.shape).clone())
-    shared_bias = nn.Parameter(mean[n_weight:].clone()) if first.bias is not None else None
+    start, positions = _shared_start(stacked, n_weight, shared_count)
+    start = start.to(dtype)
+    diffs = stacked - start.to(torch.float64)
+    if positions is None:
+        shared = {"shared_weight": nn.Parameter(start[:n_weight].view(first.weight.shape).clone())}
+    else:
+        shared = {
+            "shared_values": nn.Parameter(start[positions].clone()),
+            "shared_indices": encode_positions(positions, n_weight).to(device),
+        }
+    if first.bias is not None:
+        shared["shared_bias"] = nn.Parameter(start[n_weight:].clone())
     config = layer_configs.layer_config(first)
     out = []
     for diff, k in zip(diffs, counts, strict=True):
         layer = HybridLayer(
-            type(first).__name__, config, bias=first.bias is not None, materialize=materialize
+            type(first).__name__,
+            config,
+            bias=first.bias is not None,
+            materialize=materialize,
+            shared_nnz=shared_count,
         ).to(device=device, dtype=dtype)
-        layer.shared_weight = shared_weight
-        layer.shared_bias = shared_bias
+        for attr, tensor in shared.items():
+            setattr(layer, attr, tensor)
         top = diff.abs().topk(int(k)).indices
         layer.set_delta(top, diff[top])
         out.append(layer)
@@ -149,6 +189,8 @@ def hybridize(
     *,
     density: float | None = None,
     budget: int | None = None,
+    shared_density: float | None = None,
+    shared_budget: int | None = None,
     keep_per_task: Sequence[str] = (),
     materialize: bool = defaults.MATERIALIZE,
     stage: str = "hybrid",
@@ -163,6 +205,9 @@ def hybridize(
     density, budget
         Exactly one: the share of each layer's entries a task's delta keeps, or the non-zeros
         over all layers and tasks (the largest differences win, wherever they are).
+    shared_density, shared_budget
+        At most one: a sparse shared weight keeping this share of each layer's weight entries,
+        or this many entries over all layers, the mean's largest; neither: a dense shared weight.
     keep_per_task
         fnmatch patterns of layers (or modules containing them) that stay per task.
     materialize
@@ -173,10 +218,11 @@ def hybridize(
     Returns
     -------
     dict
-        ``{"layers": {name: {"entries", "nnz": [per task], "relative_distance": [per task],
-        "relative_error": [per task]}}, "kept": {name: reason}, "nonzeros": int,
-        "unique_parameters": {"before", "after"}}``. ``relative_distance`` is
-        ``||W_t - W_shared|| / ||W_t||``, ``relative_error`` the same with ``W_shared + S_t``.
+        ``{"layers": {name: {"entries", "shared_nnz", "nnz": [per task], "relative_distance":
+        [per task], "relative_error": [per task]}}, "kept": {name: reason}, "nonzeros": int,
+        "shared_nonzeros": int or None, "unique_parameters": {"before", "after"}}``.
+        ``relative_distance`` is ``||W_t - W_shared|| / ||W_t||``, ``relative_error`` the same
+        with ``W_shared + S_t``; ``shared_nnz`` is ``None`` for a dense shared weight.
 
     Raises
     ------
@@ -185,6 +231,9 @@ def hybridize(
         qualifies (with the reasons).
     """
     check_target(density, budget)
+    sparse_shared = shared_density is not None or shared_budget is not None
+    if sparse_shared:
+        check_target(shared_density, shared_budget, ("shared_density", "shared_budget"))
     names, kept = find_hybrid_layers(bundle.models, keep_per_task)
     if not names:
         raise ValueError(
@@ -195,12 +244,23 @@ def hybridize(
     before = bundle.unique_parameters()
     originals = {name: [bundle.models[t].get_submodule(name) for t in tasks] for name in names}
     stacked = {name: torch.stack([_flat(m) for m in mods]) for name, mods in originals.items()}
-    diffs = [row for s in stacked.values() for row in (s - s.mean(0)).abs()]
+    weight_entries = [originals[name][0].weight.numel() for name in names]
+    shared_counts: list[int | None] = [None] * len(names)
+    if sparse_shared:
+        means = [stacked[name].mean(0)[:n].abs() for name, n in zip(names, weight_entries, strict=True)]
+        shared_counts = allocate_nonzeros(means, weight_entries, density=shared_density, budget=shared_budget)
+    starts = [
+        _shared_start(stacked[name], n, k)[0]
+        for name, n, k in zip(names, weight_entries, shared_counts, strict=True)
+    ]
+    diffs = [row for name, start in zip(names, starts, strict=True) for row in (stacked[name] - start).abs()]
     counts = allocate_nonzeros(diffs, [d.numel() for d in diffs], density=density, budget=budget)
     rows: dict[str, Any] = {}
     for j, name in enumerate(names):
         layer_counts = counts[j * len(tasks) : (j + 1) * len(tasks)]
-        hybrids = make_hybrid(originals[name], layer_counts, materialize=materialize)
+        hybrids = make_hybrid(
+            originals[name], layer_counts, shared_count=shared_counts[j], materialize=materialize
+        )
         for t, layer in zip(tasks, hybrids, strict=True):
             bundle.models[t].set_submodule(name, layer)
         rows[name] = _layer_row(stacked[name], hybrids)
@@ -209,19 +269,19 @@ def hybridize(
         "layers": rows,
         "kept": kept,
         "nonzeros": sum(counts),
+        "shared_nonzeros": sum(shared_counts) if sparse_shared else None,
         "unique_parameters": {"before": before, "after": bundle.unique_parameters()},
     }
 
 
 @torch.no_grad()
 def _layer_row(stacked: Tensor, hybrids: Sequence[HybridLayer]) -> dict[str, Any]:
-    shared = hybrids[0].shared_weight.reshape(-1).to(torch.float64)
-    if hybrids[0].shared_bias is not None:
-        shared = torch.cat([shared, hybrids[0].shared_bias.to(torch.float64)])
+    shared = hybrids[0].shared_flat().to(torch.float64)
     norms = stacked.norm(dim=1).clamp_min(1e-30)
     recon = torch.stack([shared + h.delta().to(torch.float64) for h in hybrids])
     return {
         "entries": int(stacked.shape[1]),
+        "shared_nnz": hybrids[0].shared_nnz,
         "nnz": [h.nnz for h in hybrids],
         "relative_distance": [round(float(v), 6) for v in (stacked - shared).norm(dim=1) / norms],
         "relative_error": [round(float(v), 6) for v in (stacked - recon).norm(dim=1) / norms],
@@ -401,7 +461,8 @@ def hybrid_storage(bundle: Bundle) -> dict[str, int]:
     Returns
     -------
     dict
-        ``shared_bytes`` (Hybrid shared weights and biases), ``value_bytes`` and
+        ``shared_bytes`` (Hybrid shared weights and biases; a sparse shared weight's values
+        and positions), ``value_bytes`` and
         ``index_bytes`` (the deltas), ``other_bytes`` (everything else), ``tensor_bytes``
         (their sum: the data section of ``tensors.safetensors``), ``file_bytes`` (the whole
         file, with its header), and ``nonzeros`` (delta values over all tasks).
@@ -410,6 +471,8 @@ def hybrid_storage(bundle: Bundle) -> dict[str, int]:
     kinds = {
         "shared_weight": "shared",
         "shared_bias": "shared",
+        "shared_values": "shared",
+        "shared_indices": "shared",
         "delta_values": "value",
         "delta_indices": "index",
     }

@@ -4,7 +4,9 @@ The stage trains, jointly, by itself: the magnitude schedule that shrinks the de
 target runs between its epochs, which a separate ``finetune`` stage could not do. The deltas
 start with ``init_factor`` times the target's non-zeros (the largest differences from the
 tasks' mean), shrink over ``prune_epochs`` epochs under an L1 penalty, and train with fixed
-masks for the remaining epochs. A later ``finetune: {joint: true}`` stage keeps the masks (the
+masks for the remaining epochs. The shared weight can be sparse too (``shared_density`` or
+``shared_budget``): cut once, before training, to the tasks' mean's largest entries, the deltas
+then starting from the differences to it. A later ``finetune: {joint: true}`` stage keeps the masks (the
 stored positions cannot grow) and only trains values, shared weights, batch norm and heads.
 The training takes every option of ``finetune``, distillation from an earlier stage included::
 
@@ -37,6 +39,10 @@ class HybridConfig(FinetuneConfig):
     # summed over all layers and tasks (the largest differences win, wherever they are)
     density: float | None = None
     budget: int | None = None
+    # a sparse shared weight (at most one; neither: dense): share of each layer's weight entries
+    # kept, or entries kept over all layers (the tasks' mean's largest), fixed from the start
+    shared_density: float | None = None
+    shared_budget: int | None = None
     # keep_per_task: fnmatch patterns of layers that stay per task; batch norm and heads always do
     keep_per_task: list[str] = field(default_factory=list)
     # schedule: start at init_factor x the target non-zeros, cubic decrease over prune_epochs
@@ -54,6 +60,8 @@ class HybridConfig(FinetuneConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_target(self.density, self.budget)
+        if self.shared_density is not None or self.shared_budget is not None:
+            check_target(self.shared_density, self.shared_budget, ("shared_density", "shared_budget"))
         if self.init_factor < 1:
             raise ValueError(f"init_factor: expected a number >= 1, got {self.init_factor}")
         if self.prune_epochs is not None and not 0 <= self.prune_epochs <= self.epochs:
@@ -83,6 +91,8 @@ def hybrid(bundle: Bundle, config: HybridConfig, ctx: StageContext) -> StageResu
         bundle,
         density=start_density,
         budget=start_budget,
+        shared_density=config.shared_density,
+        shared_budget=config.shared_budget,
         keep_per_task=config.keep_per_task,
         materialize=config.materialize,
     )
