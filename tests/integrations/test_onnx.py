@@ -79,6 +79,16 @@ def test_hybrid_and_sparse_layers_export_with_either_position_form(tmp_path, mat
     assert all(row["max_abs_diff"] <= defaults.ONNX_ATOL for row in result.values())
 
 
+def test_hybrid_layers_with_a_sparse_shared_weight_export(tmp_path):
+    bundle = _resnet8_bundle()
+    hybridize(bundle, density=0.02, shared_density=0.3, keep_per_task=["conv1"])
+    assert any(m.shared_nnz for m in bundle.models["a"].modules() if isinstance(m, HybridLayer))
+
+    result = export_bundle_onnx(bundle, tmp_path / "onnx")
+
+    assert all(row["max_abs_diff"] <= defaults.ONNX_ATOL for row in result.values())
+
+
 def test_a_model_that_changed_after_export_fails_the_check(tmp_path):
     model = create_model("resnet8", 3, in_channels=1, width=0.5, seed=0).eval()
     path = export_onnx(model, tmp_path / "m.onnx", SHAPE)

@@ -15,7 +15,7 @@ from jtucker_plugin.decompose.apply import decompose_bundle
 from jtucker_plugin.decompose.ranks import RatioConfig, rank_config_from_dict, select_ranks
 from jtucker_plugin.decompose.shared_core import CoreSharing, TaskMixLayer, share_cores
 from jtucker_plugin.integrations.inc_quantize import quantize_tasks
-from jtucker_plugin.merge.branches import HybridBranches, from_branches, to_branches
+from jtucker_plugin.merge.branches import HybridBranches, MaskedConv2d, from_branches, to_branches
 from jtucker_plugin.merge.composed import ComposedLayer, HybridLayer
 from jtucker_plugin.merge.hybrid import hybrid_groups, hybrid_storage, hybridize
 from jtucker_plugin.merge.share import hard_share
@@ -28,9 +28,9 @@ X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 SHAPE = (3, 16, 16)
 
 
-def _hybrid_bundle(density: float = 0.1) -> Bundle:
+def _hybrid_bundle(density: float = 0.1, shared_density: float | None = None) -> Bundle:
     bundle = close_tasks_bundle(3)
-    hybridize(bundle, density=density, keep_per_task=["conv1"])
+    hybridize(bundle, density=density, shared_density=shared_density, keep_per_task=["conv1"])
     for model in bundle.models.values():
         model.eval()
     return bundle
@@ -80,7 +80,11 @@ def _task_mix_bundle() -> Bundle:
     return bundle
 
 
-BUNDLES = {"hybrid": _hybrid_bundle, "task_rank": _task_mix_bundle}
+BUNDLES = {
+    "hybrid": _hybrid_bundle,
+    "hybrid_sparse_shared": lambda: _hybrid_bundle(shared_density=0.4),
+    "task_rank": _task_mix_bundle,
+}
 
 
 def _composed(model: torch.nn.Module) -> dict[str, ComposedLayer]:
@@ -96,10 +100,12 @@ def test_branches_run_the_composed_layers_and_turn_back_bit_exactly(kind):
     assert names
 
     paths = to_branches(bundle.models, delta="masked")
-    assert len(paths) == (3 * len(names) if kind == "hybrid" else 0)
+    assert len(paths) == (0 if kind == "task_rank" else 3 * len(names))
     branches = [m.get_submodule(names[-1]) for m in bundle.models.values()]
     shared = [b.shared if isinstance(b, HybridBranches) else b.basis[1] for b in branches]
-    assert shared[0] is shared[1] is shared[2] and type(shared[0]) is torch.nn.Conv2d
+    # A sparse shared weight is a masked dense layer, whose mask torch-pruning cuts with it.
+    expected_type = MaskedConv2d if kind == "hybrid_sparse_shared" else torch.nn.Conv2d
+    assert shared[0] is shared[1] is shared[2] and type(shared[0]) is expected_type
     got = _outputs(bundle.models)
     assert all(torch.allclose(got[t], expected[t], atol=1e-5) for t in bundle.tasks)
 
@@ -119,7 +125,7 @@ def test_branches_run_the_composed_layers_and_turn_back_bit_exactly(kind):
 @pytest.mark.parametrize("kind", BUNDLES)
 def test_prune_after_sharing_equals_pruning_each_dense_task_model_at_the_same_channels(kind):
     bundle = BUNDLES[kind]()
-    if kind == "hybrid":
+    if kind != "task_rank":
         layer = bundle.models["t0"].layer2[0].conv1
         values = layer.delta_values.detach().index_fill(0, torch.tensor([0]), 0.0)
         layer.set_delta(layer.positions(), values)  # a stored 0 stays stored
@@ -139,7 +145,7 @@ def test_prune_after_sharing_equals_pruning_each_dense_task_model_at_the_same_ch
     for task in bundle.tasks:
         _prune_like(dense[task], records)
         torch.testing.assert_close(got[task], _outputs({task: dense[task]})[task], atol=1e-5, rtol=1e-4)
-        if kind == "hybrid":
+        if kind != "task_rank":
             _prune_like(masks[task], records)
             for name, hybrid in _composed(bundle.models[task]).items():
                 # Every stored position in a kept row and column is still stored, a stored 0 too.
@@ -220,6 +226,27 @@ def test_int8_after_hybrid_stores_the_shared_weight_once_and_the_deltas_sparse_i
         assert error < 0.1 * expected[task].abs().max()
 
 
+def test_int8_after_hybrid_with_a_sparse_shared_weight_stores_its_kept_codes_once():
+    bundle = _hybrid_bundle(density=0.05, shared_density=0.4)
+    groups = hybrid_groups(bundle.models)
+    result = quantize_tasks(bundle.models, "int8_dynamic", {t: SHAPE for t in bundle.tasks})
+
+    stored = result.stored_tensors()
+    codes = sorted(v.numel() for k, v in stored.items() if k.endswith("_codes"))
+    # Each shared weight: one tensor of its kept entries' int8 codes (a code may round to 0 and
+    # drop out), with their positions; conv1 and the heads stay dense int8 per task.
+    shared_nnz = sorted(g[0].shared_nnz for g in groups.values())
+    assert len(codes) == len(shared_nnz)
+    assert all(0.95 * n <= c <= n for c, n in zip(codes, shared_nnz, strict=True))
+    dense_int8 = [v for k, v in stored.items() if v.dtype == torch.int8 and v.dim() > 1]
+    assert len(dense_int8) == 2 * 3
+    expected = _outputs(bundle.models)
+    for task in bundle.tasks:
+        with torch.no_grad():
+            error = (result.models[task](X) - expected[task]).abs().max()
+        assert error < 0.1 * expected[task].abs().max()
+
+
 def test_weight_only_rtn_quantizes_a_hybrid_linear_layers_shared_weight_once():
     gen = torch.Generator().manual_seed(0)
     shared = torch.nn.Parameter(0.1 * torch.randn(32, 32, generator=gen))
@@ -260,17 +287,20 @@ def test_int8_after_hard_sharing_keeps_each_shared_weight_once():
         assert error < 0.1 * expected[task].abs().max()
 
 
-@pytest.mark.parametrize("first", ["hybrid", "share"])
+@pytest.mark.parametrize("first", ["hybrid", "hybrid_sparse_shared", "share"])
 def test_sharing_then_prune_then_int8_in_one_recipe_with_exact_counts_after_each_stage(
     first, tiny_recipe, tmp_path
 ):
     sharing = {"keep_per_task": ["conv1"]}
-    if first == "hybrid":
+    stage = "share" if first == "share" else "hybrid"
+    if stage == "hybrid":
         sharing.update(density=0.1, epochs=1, batch_size=16, max_batches=2)
+    if first == "hybrid_sparse_shared":
+        sharing.update(shared_density=0.8)  # a tiny model trained 4 epochs has little to spare
     evaluate = {"evaluate": {"latency": False}}
     stages = [
         {"train": {"epochs": 4, "batch_size": 16, "lr": 0.05}},
-        {first: sharing},
+        {stage: sharing},
         {"train": {"epochs": 2, "batch_size": 16, "lr": 0.02}},  # joint fine-tuning of the shared parts
         evaluate,
         {"prune": {"importance": "naive_bayes", "pruning_ratio": 0.3, "calibration_batches": 2}},
@@ -288,7 +318,7 @@ def test_sharing_then_prune_then_int8_in_one_recipe_with_exact_counts_after_each
     prune_metrics = json.loads((folders[4] / "result.json").read_text())["metrics"]
     assert prune_metrics["bundle"]["unique_parameters"] == pruned.unique_parameters()
     assert prune_metrics["prune"]["parameters_after"] < prune_metrics["prune"]["parameters_before"]
-    if first == "hybrid":
+    if stage == "hybrid":
         assert hybrid_storage(pruned)["file_bytes"] == (folders[4] / "bundle" / TENSORS).stat().st_size
     quantized = json.loads((folders[7] / "result.json").read_text())["metrics"]["bundle"]
     assert (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 from dataclasses import replace
 
@@ -156,6 +157,106 @@ def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_pat
     assert all(torch.equal(got[t], expected[t]) for t in bundle.tasks)
 
 
+def test_sparse_shared_weight_keeps_the_means_largest_entries_and_density_one_deltas_restore_each_task():
+    bundle = _bundle()
+    reference = copy.deepcopy(bundle)
+    report = hybridize(bundle, density=1.0, shared_density=0.3)
+    expected, got = _outputs(reference), _outputs(bundle)
+    assert all(torch.allclose(got[t], expected[t], atol=1e-5) for t in bundle.tasks)
+    assert all(e < 1e-6 for row in report["layers"].values() for e in row["relative_error"])
+    layers = list(hybrid_groups(bundle.models)["layer3.0.conv2"])
+    weights = torch.stack([m.layer3[0].conv2.weight.detach().reshape(-1) for m in reference.models.values()])
+    mean = weights.mean(0).abs()
+    kept = torch.zeros(mean.numel(), dtype=torch.bool)
+    kept[decode_positions(layers[0].shared_indices)] = True
+    assert layers[0].shared_nnz == round(0.3 * mean.numel()) == int(kept.sum())
+    assert report["layers"]["layer3.0.conv2"]["shared_nnz"] == layers[0].shared_nnz
+    assert mean[kept].min() >= mean[~kept].max()
+    assert layers[0].shared_weight is None
+    assert all(
+        layer.shared_values is layers[0].shared_values and layer.shared_indices is layers[0].shared_indices
+        for layer in layers
+    )
+
+
+def test_deltas_start_from_the_differences_to_the_sparse_shared_weight():
+    bundle = _bundle()
+    weights = torch.stack([m.layer3[0].conv2.weight.detach().reshape(-1) for m in bundle.models.values()])
+    hybridize(bundle, density=0.1, shared_density=0.5)
+    layers = hybrid_groups(bundle.models)["layer3.0.conv2"]
+    shared = layers[0].shared_flat().detach()
+    for layer, diff in zip(layers, (weights - shared).abs(), strict=True):
+        kept = torch.zeros(layer.numel, dtype=torch.bool)
+        kept[layer.positions()] = True
+        assert diff[kept].min() >= diff[~kept].max() - 1e-7
+
+
+def test_shared_density_one_is_the_dense_shared_weight_and_shared_budget_is_global():
+    dense, full = _bundle(), _bundle()
+    hybridize(dense, density=0.1)
+    hybridize(full, density=0.1, shared_density=1.0)
+    expected, got = _outputs(dense), _outputs(full)
+    assert all(torch.allclose(got[t], expected[t], atol=1e-6) for t in dense.tasks)
+    assert full.unique_parameters() == dense.unique_parameters()
+
+    budgeted = _bundle()
+    report = hybridize(budgeted, density=0.1, shared_budget=5000)
+    groups = hybrid_groups(budgeted.models)
+    assert report["shared_nonzeros"] == 5000 == sum(g[0].shared_nnz for g in groups.values())
+    assert len({round(g[0].shared_nnz / math.prod(g[0].weight_shape), 2) for g in groups.values()}) > 1
+
+
+def test_sparse_shared_weight_is_stored_once_and_round_trips_bit_exactly(tmp_path):
+    bundle = _bundle()
+    hybridize(bundle, density=0.05, shared_density=0.4, keep_per_task=["conv1"])
+    storage = hybrid_storage(bundle)
+    path = bundle.save(tmp_path / "b")
+    file = path / TENSORS
+    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
+    assert storage["file_bytes"] == file.stat().st_size
+    assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
+    groups = hybrid_groups(bundle.models)
+    firsts = [g[0] for g in groups.values()]
+    # Shared: each layer's values (4 bytes) and positions (a bitmask: 40% kept) once, its bias none.
+    assert storage["shared_bytes"] == sum(
+        4 * f.shared_nnz + f.shared_indices.numel() * f.shared_indices.element_size() for f in firsts
+    )
+    assert {f.shared_indices.dtype for f in firsts} == {torch.uint8}
+    others = sum(
+        p.numel()
+        for m in bundle.models.values()
+        for n, p in m.named_parameters()
+        if "shared_" not in n and "delta_" not in n
+    )
+    assert bundle.unique_parameters() == sum(f.shared_nnz for f in firsts) + storage["nonzeros"] + others
+
+    loaded = Bundle.load(path)
+    assert loaded.unique_parameters() == bundle.unique_parameters()
+    for name, layers in hybrid_groups(loaded.models).items():
+        assert all(layer.shared_values is layers[0].shared_values for layer in layers)
+        assert all(layer.shared_indices is layers[0].shared_indices for layer in layers)
+        for layer, original in zip(layers, groups[name], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(layer.parts(), original.parts(), strict=True))
+    expected, got = _outputs(bundle), _outputs(loaded)
+    assert all(torch.equal(got[t], expected[t]) for t in bundle.tasks)
+
+
+def test_training_moves_the_shared_values_and_keeps_the_cut_entries_zero():
+    bundle = _bundle()
+    hybridize(bundle, density=0.2, shared_density=0.5)
+    before = {n: g[0].shared_values.detach().clone() for n, g in hybrid_groups(bundle.models).items()}
+    positions = {n: g[0].shared_indices.clone() for n, g in hybrid_groups(bundle.models).items()}
+    data = {t: _data(i) for i, t in enumerate(bundle.tasks)}
+    train_hybrid(bundle, data, FitConfig(epochs=2, batch_size=16, max_batches=2), density=0.05, seed=0)
+    for name, layers in hybrid_groups(bundle.models).items():
+        first = layers[0]
+        assert all(layer.shared_values is first.shared_values for layer in layers)
+        assert torch.equal(first.shared_indices, positions[name])
+        assert not torch.equal(first.shared_values, before[name])
+        flat = first.shared_flat().detach()[: math.prod(first.weight_shape)]
+        assert int(flat.count_nonzero()) <= first.shared_nnz
+
+
 def test_positions_use_two_bytes_up_to_65536_entries_then_four():
     small = torch.tensor([0, 1, 32767, 32768, 65535])
     assert index_dtype(65536) == torch.int16 and index_dtype(65537) == torch.int32
@@ -301,8 +402,10 @@ def test_the_stage_config_drives_the_schedule_with_its_own_prune_epochs():
     assert records[0]["nonzeros"] > target
 
 
-def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("shared", [{}, {"shared_density": 0.5}])
+def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_path, shared):
     hybrid = {"density": 0.05, "keep_per_task": ["conv1"], "epochs": 2, "batch_size": 16, "max_batches": 2}
+    hybrid.update(shared)
     stages = [{"hybrid": hybrid}, {"evaluate": {"latency": False}}]
     path = tiny_recipe(stages, train_per_class=20)
     report = run_recipe(load_recipe(path), quiet=True)
@@ -313,6 +416,10 @@ def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_pat
     metrics = json.loads((checkpoint / "result.json").read_text())["metrics"]["hybrid"]
     assert metrics["kept"]["conv1"].startswith("kept per task") and metrics["storage"]["nonzeros"] > 0
     assert all(row["nnz"] == [round(0.05 * row["entries"])] * 2 for row in metrics["layers"].values())
+    for name, row in metrics["layers"].items():
+        layer = bundle.models["a"].get_submodule(name)
+        expected = round(0.5 * math.prod(layer.weight_shape)) if shared else None
+        assert row["shared_nnz"] == layer.shared_nnz == expected
     stages[1] = {"evaluate": {"latency": False, "batch_size": 32}}  # resumes from the saved Hybrid bundle
     path = tiny_recipe(stages, train_per_class=20)
     again = run_recipe(load_recipe(path), quiet=True)
@@ -331,6 +438,13 @@ def test_stage_in_a_recipe_reports_exact_counts_and_resumes(tiny_recipe, tmp_pat
         ({"density": 0.1, "epochs": 2, "prune_epochs": 3}, "prune_epochs", r"\[0, epochs=2\]"),
         ({"density": 0.1, "lr": 0}, "lr", "> 0"),
         ({"density": 0.1, "init_factor": 0.5}, "init_factor", ">= 1"),
+        ({"density": 0.1, "shared_density": 1.2}, "shared_density", r"expected a number in \[0, 1\]"),
+        (
+            {"density": 0.1, "shared_density": 0.5, "shared_budget": 9},
+            "shared_density",
+            "give exactly one target, shared_density",
+        ),
+        ({"density": 0.1, "shared_budget": -1}, "shared_budget", r"integer >= 0"),
     ],
 )
 def test_bad_config_names_the_field(data, field, message):
@@ -350,5 +464,9 @@ def test_bad_input_errors():
         hybridize(_bundle(), density=0.1, keep_per_task=["conv1", "layer*"])
     with pytest.raises(ValueError, match=r"nnz: expected an integer in \[0, 216\]"):
         HybridLayer("Conv2d", {"in_channels": 3, "out_channels": 8, "kernel_size": 3}, nnz=300)
+    with pytest.raises(ValueError, match=r"shared_density: expected a number in \[0, 1\], got -0.5"):
+        hybridize(_bundle(), density=0.1, shared_density=-0.5)
+    with pytest.raises(ValueError, match=r"shared_nnz: expected an integer in \[0, 216\]"):
+        HybridLayer("Conv2d", {"in_channels": 3, "out_channels": 8, "kernel_size": 3}, shared_nnz=217)
     with pytest.raises(ValueError, match="op: expected one of"):
         HybridLayer("Conv3d", {}, nnz=0)
