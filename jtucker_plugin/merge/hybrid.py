@@ -17,10 +17,10 @@ mean's entries of largest magnitude, stored as values at positions (tied across 
 the deltas start from the largest differences to that sparse weight. Where the tasks agree,
 a cut entry costs nothing per task; where one task needs it, its delta restores it.
 
-Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)`` (a sparse ``W_shared``: its values
-and positions). ``Bundle.unique_parameters``
-counts the shared weight once and the ``nnz`` values per task; the indices (2 or 4 bytes each,
-see ``merge.composed``) are buffers and appear in the bytes (``hybrid_storage``).
+Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)``, a sparse ``W_shared`` as its values
+and positions. ``Bundle.unique_parameters`` counts the shared weight (its values) once and the
+``nnz`` values per task; the positions (2 or 4 bytes each, or a bitmask, see
+``merge.composed``) are buffers and appear in the bytes (``hybrid_storage``).
 
 Examples
 --------
