@@ -7,6 +7,7 @@ import json
 import math
 import struct
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,17 @@ def _data(seed: int) -> TaskData:
     images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=gen)
     ds = ArrayDataset(images, torch.randint(0, 10, (48,), generator=gen), (0.5,) * 3, (0.25,) * 3)
     return TaskData(ds, None, ds, [str(i) for i in range(10)], augment=False)
+
+
+def _save_checking_storage(bundle: Bundle, path: Path) -> tuple[dict[str, int], Path]:
+    """``hybrid_storage`` of ``bundle``, checked against the file ``Bundle.save`` writes to ``path``."""
+    storage = hybrid_storage(bundle)
+    path = bundle.save(path)
+    file = path / TENSORS
+    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
+    assert storage["file_bytes"] == file.stat().st_size
+    assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
+    return storage, path
 
 
 def test_density_one_reconstructs_each_task_exactly():
@@ -118,12 +130,7 @@ def test_budget_is_shared_out_globally_by_magnitude():
 def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_path):
     bundle = _bundle()
     hybridize(bundle, density=0.1, keep_per_task=["conv1"])
-    storage = hybrid_storage(bundle)
-    path = bundle.save(tmp_path / "b")
-    file = path / TENSORS
-    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
-    assert storage["file_bytes"] == file.stat().st_size
-    assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
+    storage, path = _save_checking_storage(bundle, tmp_path / "b")
     groups = hybrid_groups(bundle.models)
     # Every layer of resnet8 at width 0.5 has at most 65,536 entries and density 0.1 keeps fewer
     # than 1 in 8: 2-byte positions (a bitmask would not halve them).
@@ -209,12 +216,7 @@ def test_shared_density_one_is_the_dense_shared_weight_and_shared_budget_is_glob
 def test_sparse_shared_weight_is_stored_once_and_round_trips_bit_exactly(tmp_path):
     bundle = _bundle()
     hybridize(bundle, density=0.05, shared_density=0.4, keep_per_task=["conv1"])
-    storage = hybrid_storage(bundle)
-    path = bundle.save(tmp_path / "b")
-    file = path / TENSORS
-    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
-    assert storage["file_bytes"] == file.stat().st_size
-    assert storage["tensor_bytes"] == file.stat().st_size - 8 - header
+    storage, path = _save_checking_storage(bundle, tmp_path / "b")
     groups = hybrid_groups(bundle.models)
     firsts = [g[0] for g in groups.values()]
     # Shared: each layer's values (4 bytes) and positions (a bitmask: 40% kept) once, its bias none.
