@@ -325,10 +325,16 @@ def _skeleton(info: TaskInfo, records: list[list[Any]]) -> nn.Module:
     return model
 
 
+def _position_buffers(module: nn.Module) -> tuple[str, ...]:
+    # Buffers of positions (merge.composed) take the form and length of the saved ones at load.
+    return getattr(module, "position_buffers", ())
+
+
 def _check_rebuildable(task: str, model: nn.Module, skeleton: nn.Module) -> None:
     # Saving a bundle that could not be loaded again would lose the work: refuse it up front.
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    rebuilt = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    free = {f"{p}.{b}" for p, m in skeleton.named_modules() for b in _position_buffers(m)}
+    have = {k: () if k in free else tuple(v.shape) for k, v in model.state_dict().items()}
+    rebuilt = {k: () if k in free else tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if have != rebuilt:
         diff = sorted(k for k in have.keys() | rebuilt.keys() if have.get(k) != rebuilt.get(k))
         owners = {type(model.get_submodule(k.rpartition(".")[0])).__name__ for k in diff if k in have}
@@ -376,7 +382,7 @@ def _assign_tensors(
             module = model.get_submodule(module_path)
             current = module._parameters.get(attr, module._buffers.get(attr))
             value = tensors[key]
-            if current is not None and current.shape != value.shape:
+            if current is not None and current.shape != value.shape and attr not in _position_buffers(module):
                 raise ValueError(
                     f"{path}: task {task!r}: {name} has shape {list(value.shape)} in the bundle but "
                     f"{list(current.shape)} in the rebuilt model"

@@ -7,7 +7,7 @@ to store only what differs, chosen with ``cores`` in the ``jtucker`` stage:
 - ``shared_sparse``: ``G_t = G_shared + D_t``; ``G_shared`` is the cores' mean (one parameter
   for all tasks), ``D_t`` the largest entries of ``G_t - G_shared`` at ``core_density`` per
   layer and task, or ``core_budget`` non-zeros over all layers and tasks. The core becomes a
-  ``merge.composed.HybridLayer``: values plus 2- or 4-byte indices. Exact at density 1.
+  ``merge.composed.HybridLayer``: values plus their positions (``encode_positions``). Exact at density 1.
 - ``task_rank``: a Tucker rank ``R_T <= T`` on the task mode. The ``T x (R1*R2*d*d)`` matrix of
   the cores, by its SVD, is ``A B`` with ``B`` (``R_T`` shared basis cores) and ``A`` (per task,
   ``R_T`` mixing weights): ``G_t = sum_r A[t, r] B_r``, the best rank-``R_T`` fit in the

@@ -21,11 +21,19 @@ With gradients (training) the weight is always rebuilt, so that gradients reach 
 weight (and bias) is ONE ``nn.Parameter`` object in every task's layer: stored, counted and
 trained once. ``S_t`` is stored compactly as its ``nnz`` non-zero values (a parameter) and their
 positions in the flattened ``[weight, bias]`` (a buffer), so ``Bundle.save`` writes exactly
-values + indices. Positions are stored in one of three forms (``encode_positions``):
-2 bytes each (``int16``, stored as ``position - 32768`` so the whole 16-bit range is used) when
-the layer has at most 65,536 entries, else 4 (``int32``), or one bit per entry (a ``uint8``
-bitmask) once that takes at most half the bytes: more than 1 entry in 8 stored (1 in 16 for
-``int32``). Decoding a bitmask touches every entry, so it has to pay for itself.
+values + indices. Positions are stored in whichever of three forms takes the fewest bytes
+(``encode_positions``):
+
+- gaps (``int8``): one byte per stored entry, its distance to the previous one (1-255), a gap
+  above 255 preceded by one escape byte (+255, no entry) per 255 skipped: the relative indices
+  of Deep Compression (Han et al., 2016), with escapes instead of filler entries. About one byte
+  a position once more than 1 entry in 255 is stored;
+- fixed width: 2 bytes a position (``int16``, stored as ``position - 32768`` so the whole 16-bit
+  range is used) up to 65,536 entries, else 4 (``int32``): what sparser layers take;
+- a bitmask (``uint8``), one bit an entry: what more than 1 entry in 8 stored takes.
+
+Gaps and fixed positions decode in time proportional to the stored entries, a bitmask to all of
+the layer's; it is only chosen where it beats one byte a position.
 ``Bundle.unique_parameters`` counts the shared weight once and the ``nnz`` values of each task;
 the indices are buffers: they are counted in bytes (``merge.hybrid.hybrid_storage``), not as
 parameters.
@@ -37,8 +45,8 @@ only the values are parameters.
 Examples
 --------
 >>> layer = HybridLayer("Conv2d", {"in_channels": 4, "out_channels": 8, "kernel_size": 3}, nnz=5)
->>> layer.delta_values.shape, layer.delta_indices.dtype        # 8*4*3*3 = 288 entries: int16
-(torch.Size([5]), torch.int16)
+>>> layer.delta_values.shape, layer.delta_indices.dtype        # 5 of 8*4*3*3 = 288 entries: gaps
+(torch.Size([5]), torch.int8)
 >>> layer(torch.zeros(1, 4, 6, 6)).shape
 torch.Size([1, 8, 4, 4])
 """
@@ -74,49 +82,75 @@ _GEOMETRY = frozenset(
 )
 _INT16_SPAN = 1 << 16
 _INT16_OFFSET = 1 << 15
+_GAP_LIMIT = 255
+_GAP_OFFSET = 128  # gap bytes 0-255 are stored as int8 -128-127
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 # Row b: the 8 bits of byte b, lowest first (a lookup decodes a bitmask in one gather).
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) % 2).bool()
 _PLAIN_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-def index_dtype(numel: int, nnz: int = 0) -> torch.dtype:
-    """The dtype that stores ``nnz`` positions in a tensor of ``numel`` entries.
+def _gap_bytes(positions: Tensor) -> Tensor:
+    """Ascending ``positions`` as gap bytes (``int64`` in 0-255; 0 is an escape, +255)."""
+    gaps = torch.diff(positions, prepend=positions.new_full((1,), -1))
+    escapes = (gaps - 1) // _GAP_LIMIT
+    ends = (escapes + 1).cumsum(0) - 1
+    out = positions.new_zeros(int(ends[-1]) + 1 if ends.numel() else 0)
+    out[ends] = gaps - escapes * _GAP_LIMIT
+    return out
 
-    ``int16`` (2 bytes a position) up to 65,536 entries, else ``int32`` (4 bytes), or a
-    ``uint8`` bitmask (``ceil(numel / 8)`` bytes, whatever ``nnz``) when that is at most half
-    their bytes: more than 1 entry in 8 stored (1 in 16 above 65,536 entries).
 
-    >>> index_dtype(288, nnz=5), index_dtype(288, nnz=100), index_dtype(100_000, nnz=3)
-    (torch.int16, torch.uint8, torch.int32)
-    """
-    dtype = torch.int16 if numel <= _INT16_SPAN else torch.int32
-    position_bytes = nnz * (2 if dtype == torch.int16 else 4)
-    # Decoding a bitmask touches every entry, positions only the stored ones (5 ms against
-    # 0.8 ms for a 2.4M-entry layer at density 0.05): it must save at least half the bytes.
-    return torch.uint8 if 2 * math.ceil(numel / 8) <= position_bytes else dtype
+def _walk_gaps(stored: Tensor) -> tuple[Tensor, Tensor]:
+    """Per stored gap byte: the position it reaches, and whether it is an entry (not an escape)."""
+    steps = stored.to(torch.int64) + _GAP_OFFSET
+    entry = steps != 0
+    return torch.where(entry, steps, _GAP_LIMIT).cumsum(0) - 1, entry
 
 
 def encode_positions(positions: Tensor, numel: int) -> Tensor:
-    """Distinct flat positions (``0 <= p < numel``) in their compact form (see ``index_dtype``).
+    """Ascending flat positions (``0 <= p < numel``) in their smallest form (module docstring).
 
-    A bitmask keeps no order: it decodes ascending, so store values in ascending position order.
+    The dtype says the form: ``int8`` gaps, ``int16``/``int32`` positions, ``uint8`` bitmask.
+
+    >>> encode_positions(torch.tensor([3, 4, 300]), 288 * 4)           # gaps 4, 1, 255 + 41
+    tensor([-124, -127, -128,  -87], dtype=torch.int8)
+    >>> encode_positions(torch.arange(0, 288, 3), 288).dtype            # 1 entry in 3: bits
+    torch.uint8
+
+    Raises
+    ------
+    ValueError
+        If the positions are not strictly ascending.
     """
     positions = positions.to(torch.int64).reshape(-1)
-    dtype = index_dtype(numel, positions.numel())
-    if dtype == torch.uint8:
+    if bool((positions.diff() <= 0).any()):
+        raise ValueError("encode_positions: positions must be distinct and ascending")
+    fixed = torch.int16 if numel <= _INT16_SPAN else torch.int32
+    gaps = _gap_bytes(positions)
+    sizes = {
+        fixed: positions.numel() * (2 if fixed == torch.int16 else 4),
+        torch.int8: gaps.numel(),
+        torch.uint8: math.ceil(numel / 8),
+    }
+    form = min(sizes, key=sizes.__getitem__)
+    if form == torch.int8:
+        return (gaps - _GAP_OFFSET).to(torch.int8)
+    if form == torch.uint8:
         bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8, device=positions.device)
         bits[positions] = 1
         return (bits.view(-1, 8) << _BIT_SHIFTS.to(positions.device)).sum(1, dtype=torch.uint8)
-    if dtype == torch.int16:
+    if form == torch.int16:
         return (positions - _INT16_OFFSET).to(torch.int16)
     return positions.to(torch.int32)
 
 
 def decode_positions(stored: Tensor) -> Tensor:
-    """The ``int64`` positions that ``encode_positions`` stored (a bitmask's ascending)."""
+    """The ``int64`` positions, ascending, that ``encode_positions`` stored."""
     if stored.dtype == torch.uint8:
         return _BYTE_BITS.to(stored.device)[stored.long()].reshape(-1).nonzero().reshape(-1)
+    if stored.dtype == torch.int8:
+        reached, entry = _walk_gaps(stored)
+        return reached[entry]
     if stored.dtype == torch.int16:
         return stored.to(torch.int64) + _INT16_OFFSET
     return stored.to(torch.int64)
@@ -149,12 +183,17 @@ def scatter_entries(values: Tensor, stored: Tensor, numel: int, base: Tensor | N
     ``stored`` is in ``encode_positions`` form. Differentiable in ``values`` and ``base``, and
     free of data-dependent shapes, so that torch.export and the ONNX exporter trace it.
     """
-    if stored.dtype != torch.uint8:
-        out = values.new_zeros(numel) if base is None else base
-        return out.index_add(0, decode_positions(stored), values.to(out.dtype))
-    bits = _BYTE_BITS.to(stored.device)[stored.long()].reshape(-1)[:numel]
-    scattered = values.new_zeros(numel).masked_scatter(bits, values)
-    return scattered if base is None else base + scattered.to(base.dtype)
+    if stored.dtype == torch.uint8:
+        bits = _BYTE_BITS.to(stored.device)[stored.long()].reshape(-1)[:numel]
+        scattered = values.new_zeros(numel).masked_scatter(bits, values)
+        return scattered if base is None else base + scattered.to(base.dtype)
+    out = values.new_zeros(numel) if base is None else base
+    if stored.dtype == torch.int8:
+        # Escape bytes add a zero at the position they reach: shapes stay data-independent.
+        reached, entry = _walk_gaps(stored)
+        spread = values.new_zeros(entry.shape).masked_scatter(entry, values)
+        return out.index_add(0, reached, spread.to(out.dtype))
+    return out.index_add(0, decode_positions(stored), values.to(out.dtype))
 
 
 def _split(flat: Tensor, shape: tuple[int, ...], bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -316,13 +355,19 @@ class StoredEntries(ComposedLayer):
         """The stored entries' flat positions (``int64``, ascending)."""
         return decode_positions(getattr(self, self.positions_buffer))
 
+    @property
+    def position_buffers(self) -> tuple[str, ...]:
+        """Names of the buffers of positions: their form and length are those of the saved ones."""
+        return (self.positions_buffer,)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Which form a layer starts with depends on its nnz; a saved one may be in another
-        # (bundles written before the bitmask form): take the stored tensor's form.
-        stored = state_dict.get(prefix + self.positions_buffer)
-        current = getattr(self, self.positions_buffer)
-        if isinstance(stored, Tensor) and current.dtype != stored.dtype:
-            setattr(self, self.positions_buffer, torch.empty_like(stored, device=current.device))
+        # A layer starts with placeholder positions (0, 1, ...); the saved ones may take another
+        # form or length (gaps depend on the positions; older bundles had no gaps or bitmask):
+        # take the stored tensor's.
+        for name in self.position_buffers:
+            stored, current = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(stored, Tensor) and (current.dtype, current.shape) != (stored.dtype, stored.shape):
+                setattr(self, name, torch.empty_like(stored, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layer_config(self) -> dict[str, Any]:
@@ -408,6 +453,10 @@ class HybridLayer(StoredEntries):
     @property
     def nnz(self) -> int:
         return self.delta_values.numel()
+
+    @property
+    def position_buffers(self) -> tuple[str, ...]:
+        return ("delta_indices",) if self.shared_indices is None else ("delta_indices", "shared_indices")
 
     @property
     def shared_nnz(self) -> int | None:

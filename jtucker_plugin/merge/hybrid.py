@@ -19,7 +19,7 @@ a cut entry costs nothing per task; where one task needs it, its delta restores 
 
 Storage: ``|W_shared| + sum_t nnz(S_t) x (value + index)``, a sparse ``W_shared`` as its values
 and positions. ``Bundle.unique_parameters`` counts the shared weight (its values) once and the
-``nnz`` values per task; the positions (2 or 4 bytes each, or a bitmask, see
+``nnz`` values per task; the positions (about a byte each as gaps, or a bitmask, see
 ``merge.composed``) are buffers and appear in the bytes (``hybrid_storage``).
 
 Examples

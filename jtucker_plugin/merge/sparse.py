@@ -12,8 +12,8 @@ zeros stay zero through later training, saving, loading and quantization. On the
 ResNet-20 scenario, cutting at once and then fine-tuning lost less than reaching the same
 density gradually during the fine-tune (``docs/benchmarks.md``).
 
-Storage: the values and their positions (2 or 4 bytes a position, or one bit an entry once more
-than 1 entry in 8 is kept; ``merge.composed.encode_positions``). ``Bundle.unique_parameters``
+Storage: the values and their positions (about a byte a position as gaps, or one bit an entry
+once more than 1 entry in 8 is kept; ``merge.composed.encode_positions``). ``Bundle.unique_parameters``
 counts the values; the positions are buffers, counted in bytes.
 
 Examples

@@ -64,15 +64,18 @@ def test_each_task_file_matches_pytorch_within_the_stated_tolerance(tmp_path):
 
 
 @pytest.mark.parametrize("materialize", [True, False])
-def test_hybrid_and_sparse_layers_export_with_either_position_form(tmp_path, materialize):
-    """Positions stored as a bitmask (dense deltas, half-kept weights) or as int16 both export."""
+def test_hybrid_and_sparse_layers_export_with_every_position_form(tmp_path, materialize):
+    """Positions stored as a bitmask (half-kept weights), gaps (deltas) or int16 (the sparsest) export."""
     bundle = _resnet8_bundle()
     hard_share(bundle, keep_per_task=["conv1", "layer1"])
     sparsify(bundle, density=0.5, keep_dense=["conv1", "layer1"], materialize=materialize)
     hybridize(bundle, density=0.02, materialize=materialize)  # what is left per task: layer1
+    hybrids = [m for m in bundle.models["a"].modules() if isinstance(m, HybridLayer)]
+    largest = max(hybrids, key=lambda m: m.numel)
+    largest.set_delta(torch.tensor([largest.numel - 1]), torch.ones(1))  # 2 bytes as int16, 3 as gaps
     forms = {m.indices.dtype for m in bundle.models["a"].modules() if isinstance(m, SparseLayer)}
-    forms |= {m.delta_indices.dtype for m in bundle.models["a"].modules() if isinstance(m, HybridLayer)}
-    assert forms == {torch.uint8, torch.int16}
+    forms |= {m.delta_indices.dtype for m in hybrids}
+    assert forms == {torch.uint8, torch.int8, torch.int16}
 
     result = export_bundle_onnx(bundle, tmp_path / "onnx")
 

@@ -15,7 +15,7 @@ from conftest import close_tasks_bundle
 
 import jtucker_plugin.stages.hybrid  # noqa: F401  (registers the stage)
 from jtucker_plugin.data import ArrayDataset, TaskData
-from jtucker_plugin.merge.composed import HybridLayer, decode_positions, encode_positions, index_dtype
+from jtucker_plugin.merge.composed import HybridLayer, decode_positions, encode_positions, scatter_entries
 from jtucker_plugin.merge.hybrid import (
     hybrid_groups,
     hybrid_storage,
@@ -127,16 +127,19 @@ def test_budget_is_shared_out_globally_by_magnitude():
     assert allocate_nonzeros([torch.ones(3), torch.ones(5)], [3, 5], budget=100) == [3, 5]
 
 
-def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_path):
+@pytest.mark.parametrize("density", [0.1, 0.01])
+def test_save_load_is_bit_exact_and_storage_counts_are_the_written_bytes(tmp_path, density):
     bundle = _bundle()
-    hybridize(bundle, density=0.1, keep_per_task=["conv1"])
+    hybridize(bundle, density=density, keep_per_task=["conv1"])
     storage, path = _save_checking_storage(bundle, tmp_path / "b")
     groups = hybrid_groups(bundle.models)
-    # Every layer of resnet8 at width 0.5 has at most 65,536 entries and density 0.1 keeps fewer
-    # than 1 in 8: 2-byte positions (a bitmask would not halve them).
+    # Fewer than 1 entry in 8 kept: gaps, a byte a position, plus an escape byte per 255 entries
+    # skipped. At 0.01 some gaps exceed 255: positions longer than nnz, which loading must take.
     members = [layer for group in groups.values() for layer in group]
-    assert {m.delta_indices.dtype for m in members} == {torch.int16}
-    assert storage["index_bytes"] == 2 * storage["nonzeros"]
+    assert {m.delta_indices.dtype for m in members} == {torch.int8}
+    escapes = sum(int((m.delta_indices == -128).sum()) for m in members)
+    assert storage["index_bytes"] == storage["nonzeros"] + escapes
+    assert (escapes > 0) == (density == 0.01)
     assert storage["value_bytes"] == 4 * storage["nonzeros"]
     shared = sum(g[0].shared_weight.numel() for g in groups.values())
     others = sum(
@@ -257,28 +260,95 @@ def test_training_moves_the_tied_shared_values_at_fixed_positions():
         assert not torch.equal(first.shared_values, before[name])
 
 
-def test_positions_use_two_bytes_up_to_65536_entries_then_four():
-    small = torch.tensor([0, 1, 32767, 32768, 65535])
-    assert index_dtype(65536) == torch.int16 and index_dtype(65537) == torch.int32
+def _form_bytes(positions: torch.Tensor, numel: int) -> dict[torch.dtype, int]:
+    """Each form's bytes, counted independently of the encoder: a gap g takes ceil(g / 255) bytes."""
+    gaps = torch.diff(positions, prepend=torch.tensor([-1]))
+    fixed = torch.int16 if numel <= 65536 else torch.int32
+    return {
+        fixed: positions.numel() * (2 if fixed == torch.int16 else 4),
+        torch.int8: int(((gaps + 254) // 255).sum()),
+        torch.uint8: math.ceil(numel / 8),
+    }
+
+
+@pytest.mark.parametrize("numel", [7, 288, 5000, 65536, 70000])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.004, 0.02, 0.1, 0.2, 0.6, 1.0])
+def test_positions_take_their_smallest_form_and_round_trip(numel, density):
+    gen = torch.Generator().manual_seed(numel)
+    positions = torch.randperm(numel, generator=gen)[: int(numel * density)].sort().values
+    values = torch.randn(positions.numel(), generator=gen)
+    stored = encode_positions(positions, numel)
+    sizes = _form_bytes(positions, numel)
+    assert stored.numel() * stored.element_size() == min(sizes.values())
+    assert sizes[stored.dtype] == min(sizes.values())
+    assert torch.equal(decode_positions(stored), positions)
+    expected = torch.zeros(numel).index_add(0, positions, values)
+    assert torch.equal(scatter_entries(values, stored, numel), expected)
+    base = torch.randn(numel, generator=gen)
+    with_base = scatter_entries(values, stored, numel, base=base)
+    assert torch.equal(with_base, base.index_add(0, positions, values))
+
+
+def test_gaps_above_255_take_escape_bytes():
+    # gaps 1, 255, 256 (an escape, then 1), 511 (two escapes, then 1); stored as byte - 128
+    positions = torch.tensor([0, 255, 511, 1022])
+    stored = encode_positions(positions, 4096)
+    assert stored.dtype == torch.int8
+    assert (stored.to(torch.int64) + 128).tolist() == [1, 255, 0, 1, 0, 0, 1]
+    assert torch.equal(decode_positions(stored), positions)
+    # past the 16-bit range too
+    far = torch.arange(60_000, 100_000, 100)
+    assert encode_positions(far, 100_000).dtype == torch.int8
+    assert torch.equal(decode_positions(encode_positions(far, 100_000)), far)
+
+
+def test_the_sparsest_positions_take_two_bytes_up_to_65536_entries_then_four():
+    small = torch.tensor([0, 32767, 65535])  # gaps of ~32k: 129 bytes each, 2 as int16
+    assert encode_positions(small, 65536).dtype == torch.int16
     assert torch.equal(decode_positions(encode_positions(small, 65536)), small)
     big = torch.tensor([0, 65536, 99999])
     stored = encode_positions(big, 100_000)
     assert stored.dtype == torch.int32 and torch.equal(decode_positions(stored), big)
-    layer = HybridLayer("Linear", {"in_features": 300, "out_features": 300}, bias=True, nnz=3)
-    assert layer.numel == 300 * 300 + 300 and layer.delta_indices.dtype == torch.int32
 
 
-def test_positions_become_a_bitmask_when_that_halves_their_bytes():
-    many = torch.arange(0, 288, 3)  # 96 of 288 entries: 192 bytes as int16, 36 as bits
+def test_positions_become_a_bitmask_above_one_entry_in_eight():
+    many = torch.arange(0, 288, 3)  # 96 of 288 entries: 96 bytes as gaps, 36 as bits
     stored = encode_positions(many, 288)
     assert stored.dtype == torch.uint8 and stored.numel() == 36
     assert torch.equal(decode_positions(stored), many)
     ragged = torch.tensor([0, 5, 9, 10])  # 11 entries: 2 bytes of bits, the last one partly used
     assert encode_positions(ragged, 11).numel() == 2
     assert torch.equal(decode_positions(encode_positions(ragged, 11)), ragged)
-    # a bitmask (36 bytes) only once it halves the positions' bytes: 36 of them, not 35
-    assert encode_positions(many[:36], 288).dtype == torch.uint8
-    assert encode_positions(many[:35], 288).dtype == torch.int16
+    every_eighth = torch.arange(0, 288, 8)  # 36 entries: 36 bytes either way, gaps kept
+    assert encode_positions(every_eighth, 288).dtype == torch.int8
+    assert encode_positions(torch.cat([every_eighth, torch.tensor([287])]), 288).dtype == torch.uint8
+
+
+def test_positions_must_ascend():
+    with pytest.raises(ValueError, match="distinct and ascending"):
+        encode_positions(torch.tensor([5, 3]), 10)
+    with pytest.raises(ValueError, match="distinct and ascending"):
+        encode_positions(torch.tensor([3, 3]), 10)
+
+
+def test_positions_saved_in_another_length_load():
+    # A layer starts with placeholder positions 0, 1, 2 (3 gap bytes); saved ones far apart take
+    # escape bytes, in the delta and in a sparse shared weight alike.
+    config = {"in_features": 300, "out_features": 300}
+    positions = torch.tensor([0, 300, 600])  # gaps 1, 300, 300: 5 bytes
+    state = {
+        "shared_values": torch.randn(3),
+        "shared_indices": encode_positions(positions, 90_000),
+        "delta_values": torch.randn(3),
+        "delta_indices": encode_positions(positions, 90_000),
+    }
+    assert state["delta_indices"].dtype == torch.int8 and state["delta_indices"].numel() == 5
+    layer = HybridLayer("Linear", config, nnz=3, shared_nnz=3)
+    layer.load_state_dict(state)
+    assert torch.equal(layer.positions(), positions)
+    assert torch.equal(decode_positions(layer.shared_indices), positions)
+    expected = torch.zeros(90_000).index_add(0, positions, state["shared_values"] + state["delta_values"])
+    assert torch.equal(layer.weight.reshape(-1), expected)
 
 
 def test_a_delta_saved_with_two_byte_positions_loads_into_a_bitmask_layer():
