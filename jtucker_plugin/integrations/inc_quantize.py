@@ -115,10 +115,11 @@ def quantize_tasks(
       graph per task, the shared int8 weights being one tensor.
       Batch norms fold into the conv before them, except after a weight that several tasks
       share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
-      the weight stays one int8 tensor. Hybrid and task-mixed layers run as branches
-      (``merge.branches``): the shared layer in int8 once; Hybrid's deltas stay sparse, their
-      values rounded to int8 with one scale per delta (INC's symmetric RTN, ``qdq_weight_sym``)
-      and added in float.
+      the weight stays one int8 tensor. A batch norm PT2E leaves unfolded (after a Hybrid
+      layer's branches) becomes such an affine too: two float tensors instead of four. Hybrid
+      and task-mixed layers run as branches (``merge.branches``): the shared layer in int8
+      once; Hybrid's deltas stay sparse, their values rounded to int8 with one scale per delta
+      (INC's symmetric RTN, ``qdq_weight_sym``) and added in float.
     - ``int8_dynamic``: the same with INC's default dynamic config (no calibration).
     - ``weight_only_rtn``: INC's RTN on the ``nn.Linear`` layers (the only ones INC's weight-only
       algorithms touch): ``bits``-bit weights in groups of ``group_size`` (-1: per channel).
@@ -188,6 +189,9 @@ def quantize_tasks(
         for i in range(steps):
             prepared(*(batches[t][i % len(batches[t])] for t in tasks))
     program = convert(prepared)
+    _batch_norms_as_affines(
+        program, [n for n in program.graph.nodes if n.target == torch.ops.aten.batch_norm.default]
+    )
     _fold_weight_quantization(program)
     _share_zero_points(program)
     _pack_sparse_weights(program)
@@ -257,27 +261,33 @@ def _unfold_shared_batch_norms(gm: torch.fx.GraphModule) -> None:
     """
     aten = torch.ops.aten
     convs = {aten.conv1d.default, aten.conv2d.default}
-    rewritten = 0
+    norms = []
     for weight in [n for n in gm.graph.nodes if n.op == "get_attr"]:
         users = [
             u for u in weight.users if u.op == "call_function" and u.target in convs and u.args[1] is weight
         ]
-        if len(users) < 2:
-            continue
-        for conv in users:
-            for norm in [
-                v for v in conv.users if v.op == "call_function" and v.target == aten.batch_norm.default
-            ]:
-                _replace_batch_norm(gm, norm, rewritten)
-                rewritten += 1
-    if rewritten:
+        if len(users) > 1:
+            norms += [v for conv in users for v in conv.users if v.target == aten.batch_norm.default]
+    _batch_norms_as_affines(gm, norms)
+
+
+def _batch_norms_as_affines(gm: torch.fx.GraphModule, norms: Sequence[torch.fx.Node]) -> None:
+    """Rewrite each of ``norms`` (inference batch norms) as ``x * scale + shift``.
+
+    After conversion, a batch norm that PT2E did not fold (one after a Hybrid layer's sum of
+    branches, say) would keep its weight, bias, mean and variance: four float tensors where the
+    affine keeps two.
+    """
+    for norm in norms:
+        _replace_batch_norm(gm, norm)
+    if norms:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         _drop_unused_tensors(gm)
 
 
-def _replace_batch_norm(gm: torch.fx.GraphModule, norm: torch.fx.Node, index: int) -> None:
+def _replace_batch_norm(gm: torch.fx.GraphModule, norm: torch.fx.Node) -> None:
     """``aten.batch_norm(x, w, b, mean, var, training=False, _, eps, _)`` -> ``x * scale + shift``."""
     x, w, b, mean, var, training, _, eps = norm.args[:8]
     if training:
@@ -299,7 +309,7 @@ def _replace_batch_norm(gm: torch.fx.GraphModule, norm: torch.fx.Node, index: in
     with graph.inserting_before(norm):
         nodes = []
         for kind, tensor in (("scale", scale), ("shift", shift)):
-            name = f"_bn_{kind}_{index}"
+            name = f"_bn_{kind}_{norm.name}"
             gm.register_buffer(name, tensor.reshape(view).clone())
             node = graph.get_attr(name)
             node.meta["val"] = getattr(gm, name)
@@ -353,7 +363,7 @@ def _share_zero_points(gm: torch.fx.GraphModule) -> None:
 
 def _pack_sparse_weights(gm: torch.fx.GraphModule) -> None:
     # An int8 weight with many zero codes (a SparseLayer's cut) is stored as its non-zero codes
-    # and their positions (merge.composed.encode_positions: 2 bytes each or one bit an entry)
+    # and their positions (merge.composed.encode_positions: gaps of a byte each or one bit an entry)
     # and unpacked at every call. Only where that saves at least PACK_SAVING of the bytes: a
     # dense weight's few zero codes are not worth an unpack per call.
     dequantize = {

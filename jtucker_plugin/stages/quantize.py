@@ -15,7 +15,8 @@ Shared parts: every task's graph is one PT2E program, so a weight shared by seve
 quantized once and stored once, with one set of scales: J-Tucker's factors, hard sharing's
 convs, Hybrid's shared weights (its deltas stay sparse: int8 values, one scale each),
 task-mixed basis cores. A batch norm after a shared weight stays each task's float affine
-instead of being folded into a copy of the weight. The metric ``quantized_shared_tensors``
+(``x * scale + shift``) instead of being folded into a copy of the weight; so does one that
+cannot fold (after a Hybrid layer's branches). The metric ``quantized_shared_tensors``
 counts what stays shared.
 
 Sizes are those of the tensors (a safetensors file of them, like a bundle's): the ``.pt2``
