@@ -4,7 +4,8 @@
 first forward without gradients) and keeps it; ``materialize=False`` rebuilds it at every
 forward with an ``index_add`` and drops it. This script measures, on a Hybrid
 bundle (tasks = one backbone plus small perturbations, as after fine-tuning) against the separate
-dense models:
+dense models, and ``materialize=False`` once more with the deltas' positions as 2- or 4-byte
+integers instead of byte gaps (what decoding gaps costs):
 
 - latency: median wall time of one task's forward at batch 1 and 32 (``metrics.latency_ms``),
   the variants alternated in rounds, and the median per-round ratio to the dense model;
@@ -31,7 +32,7 @@ import statistics
 
 import torch
 
-from jtucker_plugin.merge.composed import ComposedLayer
+from jtucker_plugin.merge.composed import ComposedLayer, encode_positions
 from jtucker_plugin.merge.hybrid import hybridize
 from jtucker_plugin.metrics import latency_ms, state_bytes
 from jtucker_plugin.models import create_model
@@ -57,6 +58,16 @@ def synthetic_bundle(arch: str, n_tasks: int, spread: float, seed: int) -> Bundl
 
 def _composed(model: torch.nn.Module) -> list[ComposedLayer]:
     return [m for m in model.modules() if isinstance(m, ComposedLayer)]
+
+
+def fixed_width_positions(bundle: Bundle) -> Bundle:
+    """A copy whose deltas keep their positions as 2- or 4-byte integers (the form before gaps)."""
+    bundle = copy.deepcopy(bundle)
+    for model in bundle.models.values():
+        for layer in _composed(model):
+            fixed = torch.int16 if layer.numel <= 1 << 16 else torch.int32
+            layer.delta_indices = encode_positions(layer.positions(), layer.numel, form=fixed)
+    return bundle
 
 
 def memory(bundle: Bundle) -> dict[str, int]:
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle = copy.deepcopy(dense)
         hybridize(bundle, density=args.density, keep_per_task=[first], materialize=materialize)
         bundles[f"hybrid, materialize: {str(materialize).lower()}"] = bundle
+    bundles["hybrid, materialize: false, fixed-width positions"] = fixed_width_positions(bundle)
     rows = latencies(bundles, args.rounds, args.repeats)
     for label, bundle in bundles.items():
         rows[label].update(memory(bundle))

@@ -107,10 +107,11 @@ def _walk_gaps(stored: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(entry, steps, _GAP_LIMIT).cumsum(0) - 1, entry
 
 
-def encode_positions(positions: Tensor, numel: int) -> Tensor:
+def encode_positions(positions: Tensor, numel: int, form: torch.dtype | None = None) -> Tensor:
     """Ascending flat positions (``0 <= p < numel``) in their smallest form (module docstring).
 
     The dtype says the form: ``int8`` gaps, ``int16``/``int32`` positions, ``uint8`` bitmask.
+    ``form`` forces one (``int16`` only up to 65,536 entries, ``int32`` only above).
 
     >>> encode_positions(torch.tensor([3, 4, 300]), 288 * 4)           # gaps 4, 1, 255 + 41
     tensor([-124, -127, -128,  -87], dtype=torch.int8)
@@ -120,7 +121,7 @@ def encode_positions(positions: Tensor, numel: int) -> Tensor:
     Raises
     ------
     ValueError
-        If the positions are not strictly ascending.
+        If the positions are not strictly ascending, or ``form`` is not one of the forms.
     """
     positions = positions.to(torch.int64).reshape(-1)
     if bool((positions.diff() <= 0).any()):
@@ -132,7 +133,10 @@ def encode_positions(positions: Tensor, numel: int) -> Tensor:
         torch.int8: gaps.numel(),
         torch.uint8: math.ceil(numel / 8),
     }
-    form = min(sizes, key=sizes.__getitem__)
+    if form is None:
+        form = min(sizes, key=sizes.__getitem__)
+    elif form not in sizes:
+        raise ValueError(f"form: expected one of {sorted(map(str, sizes))} for {numel} entries, got {form}")
     if form == torch.int8:
         return (gaps - _GAP_OFFSET).to(torch.int8)
     if form == torch.uint8:

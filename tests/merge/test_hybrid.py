@@ -324,6 +324,20 @@ def test_positions_become_a_bitmask_above_one_entry_in_eight():
     assert encode_positions(torch.cat([every_eighth, torch.tensor([287])]), 288).dtype == torch.uint8
 
 
+@pytest.mark.parametrize("form", [torch.int8, torch.int16, torch.uint8])
+def test_a_forced_position_form_round_trips(form):
+    positions = torch.tensor([0, 3, 700, 701])
+    stored = encode_positions(positions, 1000, form=form)
+    assert stored.dtype == form and torch.equal(decode_positions(stored), positions)
+
+
+def test_a_forced_position_form_must_fit():
+    with pytest.raises(ValueError, match=r"form: expected one of .* for 100000 entries"):
+        encode_positions(torch.tensor([1]), 100_000, form=torch.int16)
+    with pytest.raises(ValueError, match="form: expected one of"):
+        encode_positions(torch.tensor([1]), 10, form=torch.float32)
+
+
 def test_positions_must_ascend():
     with pytest.raises(ValueError, match="distinct and ascending"):
         encode_positions(torch.tensor([5, 3]), 10)
