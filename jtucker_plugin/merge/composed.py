@@ -102,9 +102,10 @@ def _gap_bytes(positions: Tensor) -> Tensor:
 
 def _walk_gaps(stored: Tensor) -> tuple[Tensor, Tensor]:
     """Per stored gap byte: the position it reaches, and whether it is an entry (not an escape)."""
-    steps = stored.to(torch.int64) + _GAP_OFFSET
+    # In place on the one new tensor: decoding runs at every forward that rebuilds a weight.
+    steps = stored.to(torch.int64).add_(_GAP_OFFSET)
     entry = steps != 0
-    return torch.where(entry, steps, _GAP_LIMIT).cumsum(0) - 1, entry
+    return steps.masked_fill_(~entry, _GAP_LIMIT).cumsum_(0).sub_(1), entry
 
 
 def encode_positions(positions: Tensor, numel: int, form: torch.dtype | None = None) -> Tensor:
