@@ -461,7 +461,7 @@ class HybridLayer(StoredEntries):
 
     @property
     def position_buffers(self) -> tuple[str, ...]:
-        return ("delta_indices",) if self.shared_indices is None else ("delta_indices", "shared_indices")
+        return super().position_buffers + (() if self.shared_indices is None else ("shared_indices",))
 
     @property
     def shared_nnz(self) -> int | None:
