@@ -363,8 +363,8 @@ def _store_affines_half(gm: torch.fx.GraphModule) -> None:
     """Store the batch-norm affines (``_bn_*``) in ``AFFINE_DTYPE``; they still compute in float32.
 
     They are what an int8 program of shared weights cannot fold: a scale and a shift per channel
-    and task, 8% of ResNet-20's Hybrid int8 program in float32. Float16 errs by at most 2^-11 of
-    a value: under an eighth of a step of the 8-bit activations they feed.
+    and task, 8% of ResNet-20's Hybrid int8 program in float32. Float16 rounds a value by at most
+    2^-11 of it; the 8-bit activations computed from them step by 2^-8 of their range.
     """
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(AFFINE_PREFIX)]:
         setattr(gm, node.target, getattr(gm, node.target).to(AFFINE_DTYPE))
