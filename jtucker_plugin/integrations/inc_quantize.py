@@ -119,11 +119,11 @@ def quantize_tasks(
       Batch norms fold into the conv before them, except after a weight that several tasks
       share (J-Tucker's ``out_proj``, hard sharing's convs): those stay per-task affines, so
       the weight stays one int8 tensor. A batch norm PT2E leaves unfolded (after a Hybrid
-      layer's branches) becomes such an affine too: two tensors instead of four, stored in
-      float16 (``AFFINE_DTYPE``) and computed in float32. Hybrid and task-mixed layers run as
-      branches (``merge.branches``): the shared layer in int8 once; Hybrid's deltas stay
-      sparse, their values rounded to int8 with one scale per delta (INC's symmetric RTN,
-      ``qdq_weight_sym``) and added in float.
+      layer's branches) becomes such an affine too, two tensors instead of four. Every affine
+      is stored in float16 (``AFFINE_DTYPE``) and computed in float32. Hybrid and task-mixed
+      layers run as branches (``merge.branches``): the shared layer in int8 once; Hybrid's
+      deltas stay sparse, their values rounded to int8 with one scale per delta (INC's
+      symmetric RTN, ``qdq_weight_sym``) and added in float.
     - ``int8_dynamic``: the same with INC's default dynamic config (no calibration).
     - ``weight_only_rtn``: INC's RTN on the ``nn.Linear`` layers (the only ones INC's weight-only
       algorithms touch): ``bits``-bit weights in groups of ``group_size`` (-1: per channel).

@@ -14,10 +14,10 @@ stage's metrics (``accuracy_quantized``, ``quantized_bytes``, ``latency_ms_b*_qu
 Shared parts: every task's graph is one PT2E program, so a weight shared by several tasks is
 quantized once and stored once, with one set of scales: J-Tucker's factors, hard sharing's
 convs, Hybrid's shared weights (its deltas stay sparse: int8 values, one scale each),
-task-mixed basis cores. A batch norm after a shared weight stays each task's float affine
-(``x * scale + shift``) instead of being folded into a copy of the weight; so does one that
-cannot fold (after a Hybrid layer's branches). The metric ``quantized_shared_tensors``
-counts what stays shared.
+task-mixed basis cores. A batch norm after a shared weight stays each task's affine
+(``x * scale + shift``, stored in float16, computed in float32) instead of being folded into a
+copy of the weight; so does one that cannot fold (after a Hybrid layer's branches). The metric
+``quantized_shared_tensors`` counts what stays shared.
 
 Sizes are those of the tensors (a safetensors file of them, like a bundle's): the ``.pt2``
 archive adds the serialized graph, which dominates for tiny models. Latency is eager PyTorch:

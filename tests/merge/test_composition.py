@@ -219,7 +219,7 @@ def test_int8_after_hybrid_stores_the_shared_weight_once_and_the_deltas_sparse_i
     assert sorted(v.numel() for v in values) == nnz and all(v.dtype == torch.int8 for v in values)
     scales = [v for k, v in stored.items() if k.endswith("delta_scale")]
     assert len(scales) == len(values) and all(s.dtype == torch.float32 and s.numel() == 1 for s in scales)
-    # A batch norm after the branches cannot fold: it is a float affine, two tensors, not four.
+    # A batch norm after the branches cannot fold: it is an affine, two tensors, not four.
     batch_norm = torch.ops.aten.batch_norm.default
     assert not [n for m in result.models.values() for n in m.graph.nodes if n.target == batch_norm]
     assert not [k for k in stored if k.endswith(("running_mean", "running_var"))]
