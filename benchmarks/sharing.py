@@ -53,6 +53,15 @@ rough guess). Target of issue 6: the best of ours (hybrid, hybrid_sparse, jtucke
 jtucker_taskrank, share_sparse) at least 2x hard sharing's ratio, checked on both ``best`` and
 ``interp``, and at least 20x after int8.
 
+Both pick the point on the test splits they are judged on, which flatters them. ``--val-per-class
+N`` holds out N of each class's test images (seeded, per class) as a validation split; the test
+split is the rest. Every point is then measured on both, and ``selected`` picks on validation
+alone: a method's largest ratio whose validation drop is at most 1 pp, and of ours the largest
+of those. A target counts as met on ``selected`` only if that point's test drop is within 1 pp
+too (hard sharing's selected point is the bar whatever its test drop). The validation images come
+from the test splits because the pretrained ResNet-20 has seen every CIFAR-10 training image,
+and the VGG backbone a share of them.
+
 Output under ``--out`` (default ``benchmarks/results``), named
 ``sharing-<scenario>[<options>]-pt<torch>-cpu``, the options every setting that differs from the
 defaults (``-ft15-seed1-share+share_sparse``, say): ``.csv`` (one row per point), ``.json``
@@ -79,6 +88,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
@@ -90,14 +100,13 @@ from joint_vs_individual import (  # noqa: E402
     CIFAR,
     SCENARIOS,
     Scenario,
-    accuracies,
     fmt,
     ratio_at_drop,
     task_models,
 )
 
 from jtucker_plugin import defaults  # noqa: E402
-from jtucker_plugin.data import TaskData  # noqa: E402
+from jtucker_plugin.data import ArrayDataset, TaskData  # noqa: E402
 from jtucker_plugin.decompose.apply import decompose_bundle  # noqa: E402
 from jtucker_plugin.decompose.budget import Budget, BudgetConfig  # noqa: E402
 from jtucker_plugin.decompose.ranks import select_ranks  # noqa: E402
@@ -120,7 +129,9 @@ SIZE_TAGS = {
     "test_per_class": "test",
     "base_epochs": "base",
     "finetune_epochs": "ft",
+    "val_per_class": "val",
 }
+VAL_STREAM = 5  # seeds the validation split apart from every stream of jtucker_plugin.data
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ class Settings(joint_vs_individual.Settings):
     core_density: float = 0.05
     task_rank: int = 2
     l1: float = 1e-4
+    val_per_class: int = 0  # test images per class held out to select points on (0: none)
 
 
 QUICK = Settings(
@@ -175,15 +187,42 @@ def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def split_validation(data: TaskData, per_class: int, seed: int) -> TaskData:
+    """``data`` with ``per_class`` test images of each class (a seeded draw) moved to ``val``."""
+    test = data.test
+    is_val = torch.zeros(len(test), dtype=torch.bool)
+    for label in test.labels.unique().tolist():
+        members = (test.labels == label).nonzero().reshape(-1).numpy()
+        if len(members) <= per_class:
+            raise ValueError(
+                f"--val-per-class: class {data.class_names[label]!r} has {len(members)} test images; "
+                f"expected more than {per_class}, to leave a test split"
+            )
+        draw = np.random.default_rng([seed, VAL_STREAM, label]).permutation(members)[:per_class]
+        is_val[torch.from_numpy(draw)] = True
+
+    def part(mask: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(test.images[mask], test.labels[mask], test.mean, test.std)
+
+    return replace(data, val=part(is_val), test=part(~is_val))
+
+
+def accuracies_on(
+    models: dict[str, torch.nn.Module], data: dict[str, TaskData], split: str
+) -> dict[str, float]:
+    return {t: evaluate(m, getattr(data[t], split))["accuracy"] for t, m in models.items()}
+
+
 def int8(
-    bundle: Bundle, data: dict[str, TaskData], calibration: dict[str, list]
-) -> tuple[dict[str, float], int]:
-    """Accuracy per task and tensor bytes of the bundle through Intel Neural Compressor's static int8."""
+    bundle: Bundle, data: dict[str, TaskData], calibration: dict[str, list], splits: tuple[str, ...]
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Accuracy per split and task, and tensor bytes, of the bundle through Intel Neural
+    Compressor's static int8."""
     from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
     shapes = {t: tuple(bundle.info[t].input_shape) for t in bundle.tasks}
     result = quantize_tasks(bundle.models, "int8_static", shapes, calibration=calibration)
-    acc = {t: evaluate(result.models[t], data[t].test)["accuracy"] for t in bundle.tasks}
+    acc = {split: accuracies_on(result.models, data, split) for split in splits}
     return acc, data_bytes(result.stored_tensors())
 
 
@@ -284,12 +323,38 @@ def _points(rows: list[dict[str, Any]], method: str, unit: str) -> list[tuple[fl
     return [(r[f"cr_{unit}"], r[drop]) for r in rows if r["method"] == method and f"cr_{unit}" in r]
 
 
+def select_on_validation(rows: list[dict[str, Any]], method: str, unit: str) -> dict[str, float] | None:
+    """The method's point of largest ratio whose validation drop is within the limit: its ratio
+    and its validation and test drops (``None``: no such point, or no validation split)."""
+    suffix = "_int8" if unit == "int8_bytes" else ""
+    within = [
+        r
+        for r in rows
+        if r["method"] == method
+        and f"cr_{unit}" in r
+        and f"mean_drop{suffix}_val_pp" in r
+        and r[f"mean_drop{suffix}_val_pp"] <= LIMIT_PP
+    ]
+    if not within:
+        return None
+    r = max(within, key=lambda r: r[f"cr_{unit}"])
+    return {
+        "cr": r[f"cr_{unit}"],
+        "val_drop": r[f"mean_drop{suffix}_val_pp"],
+        "test_drop": r[f"mean_drop{suffix}_pp"],
+    }
+
+
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    validated = any("mean_drop_val_pp" in r for r in rows)
     for unit in ("params", "bytes", "int8_bytes"):
         per_method = {m: ratio_at_drop(_points(rows, m, unit)) for m in methods if _points(rows, m, unit)}
         if not per_method:
             continue
+        if validated:
+            for m, result in per_method.items():
+                result["selected"] = select_on_validation(rows, m, unit)
         target = {}
         for key in ("best", "interp"):
             ours = [per_method[m][key] for m in OURS if per_method.get(m, {}).get(key)]
@@ -303,6 +368,16 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
                 }
             else:
                 target[key] = {"best_of_ours": max(ours, default=None), "share": hard, "met": False}
+        chosen = [per_method[m]["selected"] for m in OURS if per_method.get(m, {}).get("selected")]
+        best = max(chosen, key=lambda c: c["cr"], default=None)
+        if validated:
+            hard = (per_method.get("share", {}).get("selected") or {}).get("cr")
+            target["selected"] = {
+                "best_of_ours": best,
+                "share": hard,
+                "ratio": round(best["cr"] / hard, 3) if best and hard else None,
+                "met": bool(best and hard and best["cr"] >= 2 * hard and best["test_drop"] <= LIMIT_PP),
+            }
         out[unit] = {"methods": per_method, "target_2x_share": target}
         if unit == "int8_bytes":
             ours = [per_method[m]["best"] for m in OURS if per_method.get(m, {}).get("best")]
@@ -310,6 +385,11 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
                 "best_of_ours": max(ours, default=None),
                 "met": max(ours, default=0) >= INT8_TARGET,
             }
+            if validated:
+                out[unit]["target_20x_selected"] = {
+                    "best_of_ours": best,
+                    "met": bool(best and best["cr"] >= INT8_TARGET and best["test_drop"] <= LIMIT_PP),
+                }
     return out
 
 
@@ -324,6 +404,8 @@ def run(args: argparse.Namespace) -> None:
         overrides["sparse_densities"] = tuple(args.sparse_densities)
     if args.hybrid_sparse_points:
         overrides["hybrid_sparse_points"] = tuple(args.hybrid_sparse_points)
+    if args.val_per_class is not None:
+        overrides["val_per_class"] = args.val_per_class
     s = replace(standard, **overrides)
     methods = list(METHODS) if args.methods is None else args.methods
     torch.set_num_threads(args.threads)
@@ -355,6 +437,11 @@ def run(args: argparse.Namespace) -> None:
     log(f"{tag}: {s}, threads {args.threads}")
 
     data, base = task_models(scenario, s, args.data_dir.resolve(), args.work_dir)
+    splits = ("test",)
+    if s.val_per_class:
+        data = {t: split_validation(d, s.val_per_class, s.seed) for t, d in data.items()}
+        splits = ("test", "val")
+        log("validation: " + ", ".join(f"{t} {len(d.val)} val / {len(d.test)} test" for t, d in data.items()))
     dense_bytes = data_bytes(base.stored_tensors())
 
     steps = min(math.ceil(len(d.train) / s.batch_size) for d in data.values())
@@ -369,9 +456,15 @@ def run(args: argparse.Namespace) -> None:
     }
     dense = copy.deepcopy(base)
     fit(dense.models, data, recovery, seed=s.seed, distill=distill)
-    ref = accuracies(dense, data)
+    refs = {split: accuracies_on(dense.models, data, split) for split in splits}
+    ref = refs["test"]
 
-    def record(method: str, setting: Any, bundle: Bundle, acc: dict[str, float], seconds: float) -> None:
+    def drop_pp(split: str, acc: dict[str, float]) -> float:
+        return round(100 * sum(refs[split][t] - acc[t] for t in acc) / len(acc), 3)
+
+    def record(method: str, setting: Any, bundle: Bundle, seconds: float) -> None:
+        measured = {split: accuracies_on(bundle.models, data, split) for split in splits}
+        acc = measured["test"]
         t0 = time.perf_counter()
         row = {
             "method": method,
@@ -384,20 +477,30 @@ def run(args: argparse.Namespace) -> None:
             "dense_bytes": dense_bytes,
             **{f"acc_{t}": round(a, 4) for t, a in acc.items()},
             "mean_accuracy": round(sum(acc.values()) / len(acc), 5),
-            "mean_drop_pp": round(100 * sum(ref[t] - acc[t] for t in acc) / len(acc), 3),
+            "mean_drop_pp": drop_pp("test", acc),
             "finetune_steps_per_task": s.finetune_epochs * steps,
             "distill": args.distill,
             "seconds": round(seconds),
         }
+        if "val" in measured:
+            row.update(
+                **{f"acc_val_{t}": round(a, 4) for t, a in measured["val"].items()},
+                mean_drop_val_pp=drop_pp("val", measured["val"]),
+            )
         if args.int8:
-            acc8, bytes8 = int8(bundle, data, calibration)
+            acc8, bytes8 = int8(bundle, data, calibration, splits)
             row.update(
                 cr_int8_bytes=round(dense_bytes / bytes8, 4),
                 int8_bytes=bytes8,
-                **{f"acc_int8_{t}": round(a, 4) for t, a in acc8.items()},
-                mean_drop_int8_pp=round(100 * sum(ref[t] - acc8[t] for t in acc8) / len(acc8), 3),
+                **{f"acc_int8_{t}": round(a, 4) for t, a in acc8["test"].items()},
+                mean_drop_int8_pp=drop_pp("test", acc8["test"]),
                 int8_seconds=round(time.perf_counter() - t0),
             )
+            if "val" in acc8:
+                row.update(
+                    **{f"acc_int8_val_{t}": round(a, 4) for t, a in acc8["val"].items()},
+                    mean_drop_int8_val_pp=drop_pp("val", acc8["val"]),
+                )
         rows.append(row)
         log(
             f"{method:16s} {setting!s:22s} CR {row['cr_params']:6.2f}x params {row['cr_bytes']:6.2f}x bytes  "
@@ -409,7 +512,7 @@ def run(args: argparse.Namespace) -> None:
             )
         )
 
-    record("dense", None, dense, ref, time.perf_counter() - t0)
+    record("dense", None, dense, time.perf_counter() - t0)
     for method in methods:
         compress, sweep = METHODS[method]
         for setting in sweep(s, scenario):
@@ -417,12 +520,21 @@ def run(args: argparse.Namespace) -> None:
             bundle = copy.deepcopy(base)
             compress(bundle, setting, s, scenario)
             recover(method, setting, bundle, data, recovery, s, distill)
-            record(method, setting, bundle, accuracies(bundle, data), time.perf_counter() - t0)
+            record(method, setting, bundle, time.perf_counter() - t0)
 
     summary = summarise(rows, methods)
     env = environment(args, s, started)
     write_results(
-        args.out, tag, rows, {"summary": summary, "reference_accuracy": ref, "environment": env}, plot=plot
+        args.out,
+        tag,
+        rows,
+        {
+            "summary": summary,
+            "reference_accuracy": ref,
+            **({"reference_accuracy_val": refs["val"]} if "val" in refs else {}),
+            "environment": env,
+        },
+        plot=plot,
     )
     print_table(rows, summary, list(data))
 
@@ -492,34 +604,51 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], tasks: list
     head = f"{'method':16s} {'setting':22s} {'CR par':>7s} {'CR byte':>7s} " + " ".join(
         f"{t:>9s}" for t in tasks
     )
-    print("\n" + head + f" {'mean':>7s} {'drop pp':>8s} {'s':>5s} {'int8 CR':>8s} {'int8 drop':>9s}")
+    validation = any("mean_drop_val_pp" in r for r in rows)
+    print(
+        "\n"
+        + head
+        + f" {'mean':>7s} {'drop pp':>8s} {'s':>5s} {'int8 CR':>8s} {'int8 drop':>9s}"
+        + (f" {'val drop':>8s} {'int8':>8s}" if validation else "")
+    )
     for r in rows:
         accs = " ".join(f"{100 * r[f'acc_{t}']:9.2f}" for t in tasks)
         setting = "" if r["setting"] is None else str(r["setting"])
         quantized = (
             f" {r['cr_int8_bytes']:8.2f} {r['mean_drop_int8_pp']:9.2f}" if "cr_int8_bytes" in r else ""
         )
+        validated = "".join(f" {r[k]:8.2f}" for k in ("mean_drop_val_pp", "mean_drop_int8_val_pp") if k in r)
         print(
             f"{r['method']:16s} {setting:22s} {r['cr_params']:7.2f} {r['cr_bytes']:7.2f} {accs} "
-            f"{100 * r['mean_accuracy']:7.2f} {r['mean_drop_pp']:8.2f} {r['seconds']:5d}{quantized}"
+            f"{100 * r['mean_accuracy']:7.2f} {r['mean_drop_pp']:8.2f} {r['seconds']:5d}"
+            + quantized
+            + validated
         )
     for unit, result in summary.items():
         print(f"\ncompression ratio ({unit}) at <= {LIMIT_PP:g} pp mean drop (best measured / interpolated):")
         for method, value in result["methods"].items():
             best = f"{value['best']:.2f}x" if value["best"] else "none"
             interp = f"{value['interp']:.2f}x" if value["interp"] else "none"
-            print(f"  {method:16s} {best:>8s} / {interp}")
+            chosen = value.get("selected")
+            selected = (
+                f"; on validation {chosen['cr']:.2f}x (val {chosen['val_drop']:+.2f}, "
+                f"test {chosen['test_drop']:+.2f} pp)"
+                if chosen
+                else ("; on validation none" if "selected" in value else "")
+            )
+            print(f"  {method:16s} {best:>8s} / {interp}{selected}")
         for key, t in result["target_2x_share"].items():
             print(
                 f"  target ({key}: best of ours >= 2x share): best of ours {t['best_of_ours']}, "
                 f"share {t['share']}, met: {t['met']}"
             )
-        if "target_20x" in result:
-            t = result["target_20x"]
-            print(
-                f"  target (best of ours >= {INT8_TARGET:g}x after int8): "
-                f"{t['best_of_ours']}, met: {t['met']}"
-            )
+        for key in ("target_20x", "target_20x_selected"):
+            if key in result:
+                t = result[key]
+                print(
+                    f"  target ({key.removeprefix('target_20x').strip('_') or 'best'}: best of ours >= "
+                    f"{INT8_TARGET:g}x after int8): {t['best_of_ours']}, met: {t['met']}"
+                )
 
 
 def _point(text: str) -> tuple[float, float]:
@@ -546,6 +675,9 @@ def main(argv: list[str] | None = None) -> None:
         "--core-density", type=float, help="jtucker_sparse: the cores' delta density (0: one shared core)"
     )
     parser.add_argument("--sparse-densities", type=float, nargs="+", help="the sweep of share_sparse")
+    parser.add_argument(
+        "--val-per-class", type=int, help="test images per class held out to select points on (0: none)"
+    )
     parser.add_argument(
         "--hybrid-sparse-points",
         type=_point,
