@@ -70,7 +70,8 @@ bytes).
 
 Run: ``python benchmarks/sharing.py --data-dir /work/shared/data [--scenario vgg] [--quick]
 [--finetune-epochs N] [--distill W] [--methods ...] [--shared-core-budgets F ...]
-[--hybrid-sparse-points S:D ...] [--threads 1]``.
+[--hybrid-sparse-points S:D ...] [--val-per-class N] [--threads 1]``. Runs on several seeds are
+pooled by ``benchmarks/sharing_seeds.py``.
 """
 
 from __future__ import annotations
@@ -318,31 +319,24 @@ def recover(
         fit(bundle.models, data, replace(config, joint=method != "tucker"), seed=s.seed, distill=distill)
 
 
+def drop_column(unit: str, split: str = "test") -> str:
+    """The column of the drop that judges ratio ``unit`` (int8 bytes: the int8 drop) on ``split``."""
+    return f"mean_drop{'_int8' if unit == 'int8_bytes' else ''}{'_val' if split == 'val' else ''}_pp"
+
+
 def _points(rows: list[dict[str, Any]], method: str, unit: str) -> list[tuple[float, float]]:
-    drop = "mean_drop_int8_pp" if unit == "int8_bytes" else "mean_drop_pp"
+    drop = drop_column(unit)
     return [(r[f"cr_{unit}"], r[drop]) for r in rows if r["method"] == method and f"cr_{unit}" in r]
 
 
-def select_on_validation(rows: list[dict[str, Any]], method: str, unit: str) -> dict[str, float] | None:
-    """The method's point of largest ratio whose validation drop is within the limit: its ratio
-    and its validation and test drops (``None``: no such point, or no validation split)."""
-    suffix = "_int8" if unit == "int8_bytes" else ""
+def select_on_validation(rows: list[dict[str, Any]], method: str, unit: str) -> dict[str, Any] | None:
+    """The method's row of largest ratio ``unit`` whose validation drop is within the limit
+    (``None``: no such row, or no validation split)."""
+    val = drop_column(unit, "val")
     within = [
-        r
-        for r in rows
-        if r["method"] == method
-        and f"cr_{unit}" in r
-        and f"mean_drop{suffix}_val_pp" in r
-        and r[f"mean_drop{suffix}_val_pp"] <= LIMIT_PP
+        r for r in rows if r["method"] == method and f"cr_{unit}" in r and val in r and r[val] <= LIMIT_PP
     ]
-    if not within:
-        return None
-    r = max(within, key=lambda r: r[f"cr_{unit}"])
-    return {
-        "cr": r[f"cr_{unit}"],
-        "val_drop": r[f"mean_drop{suffix}_val_pp"],
-        "test_drop": r[f"mean_drop{suffix}_pp"],
-    }
+    return max(within, key=lambda r: r[f"cr_{unit}"], default=None)
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -354,7 +348,14 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             continue
         if validated:
             for m, result in per_method.items():
-                result["selected"] = select_on_validation(rows, m, unit)
+                r = select_on_validation(rows, m, unit)
+                result["selected"] = None
+                if r is not None:
+                    result["selected"] = {
+                        "cr": r[f"cr_{unit}"],
+                        "val_drop": r[drop_column(unit, "val")],
+                        "test_drop": r[drop_column(unit)],
+                    }
         target = {}
         for key in ("best", "interp"):
             ours = [per_method[m][key] for m in OURS if per_method.get(m, {}).get(key)]
