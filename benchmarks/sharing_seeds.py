@@ -89,7 +89,8 @@ def report(paths: list[Path]) -> None:
     print(f"{len(runs)} runs: " + ", ".join(p.name for p in paths))
     print(
         f"\n{'method':16s} {'setting':24s} {'CR par':>7s} {'CR byte':>7s} {'int8 CR':>7s} "
-        f"{'val drop':>8s} {'test drop':>9s} {'int8 val':>8s} {'int8 test':>9s}  test drop per run"
+        f"{'val drop':>8s} {'test drop':>9s} {'int8 val':>8s} {'int8 test':>9s}"
+        "  test drop per run, in the order given"
     )
     for p in points:
         cells = [
