@@ -369,9 +369,9 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
                 }
             else:
                 target[key] = {"best_of_ours": max(ours, default=None), "share": hard, "met": False}
-        chosen = [per_method[m]["selected"] for m in OURS if per_method.get(m, {}).get("selected")]
-        best = max(chosen, key=lambda c: c["cr"], default=None)
         if validated:
+            chosen = [per_method[m]["selected"] for m in OURS if per_method.get(m, {}).get("selected")]
+            best = max(chosen, key=lambda c: c["cr"], default=None)
             hard = (per_method.get("share", {}).get("selected") or {}).get("cr")
             target["selected"] = {
                 "best_of_ours": best,

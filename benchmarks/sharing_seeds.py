@@ -8,8 +8,9 @@ at most 1 pp; its test drop, averaged the same way, is what it costs. The target
 are then checked as ``sharing.py`` checks one run's: the best of ours at least 2x hard sharing's
 selected ratio and at least 20x after int8, each with a mean test drop within 1 pp.
 
-Sampling noise: the validation and test splits are disjoint random halves of the same test
-images, scored on the same models, so ``validation drop - test drop`` is the difference of two
+Sampling noise: with validation half of the test images (``--val-per-class 500`` of 1000), the
+validation and test splits are disjoint random halves of the same images, scored on the same
+models, so ``validation drop - test drop`` is the difference of two
 sampling errors, zero on average. Its root mean square over the points is sqrt(2) times one
 half's error, and the whole test split's error is half that root mean square. The points of one
 run share their dense reference and their images, so their differences move together: the
