@@ -214,8 +214,11 @@ def base_bundle(scenario: Scenario, s: Settings, data: dict[str, TaskData], weig
     return Bundle(models, info)
 
 
-def accuracies(bundle: Bundle, data: dict[str, TaskData]) -> dict[str, float]:
-    return {t: evaluate(m, data[t].test)["accuracy"] for t, m in bundle.models.items()}
+def accuracies(
+    models: dict[str, torch.nn.Module], data: dict[str, TaskData], split: str = "test"
+) -> dict[str, float]:
+    """Each task model's accuracy on its task's ``split`` (``test`` or ``val``)."""
+    return {t: evaluate(m, getattr(data[t], split))["accuracy"] for t, m in models.items()}
 
 
 def budget_select(fraction: float) -> Callable:
@@ -307,7 +310,7 @@ def task_models(
     fit(
         base.models, data, FitConfig(epochs=s.base_epochs, lr=s.base_lr, batch_size=s.batch_size), seed=s.seed
     )
-    log(f"task models: {fmt(accuracies(base, data))} ({time.perf_counter() - t0:.0f} s)")
+    log(f"task models: {fmt(accuracies(base.models, data))} ({time.perf_counter() - t0:.0f} s)")
     return data, base
 
 
@@ -328,7 +331,7 @@ def run(args: argparse.Namespace) -> None:
     log(f"{tag}: settings {s}, threads {args.threads}")
 
     data, base = task_models(scenario, s, data_dir, args.work_dir)
-    base_acc = accuracies(base, data)
+    base_acc = accuracies(base.models, data)
 
     steps = min(math.ceil(len(d.train) / s.batch_size) for d in data.values())
     recovery = FitConfig(
@@ -371,7 +374,7 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     dense = copy.deepcopy(base)
     fit(dense.models, data, replace(recovery, joint=False), seed=s.seed)
-    ref = accuracies(dense, data)
+    ref = accuracies(dense.models, data)
     record("dense", None, (), dense, 0.0, time.perf_counter() - t0, ref)
 
     for method in methods:
@@ -388,7 +391,7 @@ def run(args: argparse.Namespace) -> None:
             error = compress(bundle, budget, [*scenario.keep_per_task, *extra])
             fit(bundle.models, data, replace(recovery, joint=joint), seed=s.seed)
             seconds = time.perf_counter() - t0
-            acc = accuracies(bundle, data)
+            acc = accuracies(bundle.models, data)
             record(method, budget, extra, bundle, error, seconds, acc)
 
     summary = summarise(rows, methods)

@@ -101,6 +101,7 @@ from joint_vs_individual import (  # noqa: E402
     CIFAR,
     SCENARIOS,
     Scenario,
+    accuracies,
     fmt,
     ratio_at_drop,
     task_models,
@@ -117,7 +118,7 @@ from jtucker_plugin.merge.share import hard_share  # noqa: E402
 from jtucker_plugin.merge.sparse import sparsify  # noqa: E402
 from jtucker_plugin.multitask import Bundle  # noqa: E402
 from jtucker_plugin.stages.quantize import calibration_batches  # noqa: E402
-from jtucker_plugin.train import Distillation, FitConfig, evaluate, fit  # noqa: E402
+from jtucker_plugin.train import Distillation, FitConfig, fit  # noqa: E402
 
 LIMIT_PP = 1.0
 OURS = ("hybrid", "hybrid_sparse", "jtucker_sparse", "jtucker_taskrank", "share_sparse")
@@ -208,12 +209,6 @@ def split_validation(data: TaskData, per_class: int, seed: int) -> TaskData:
     return replace(data, val=part(is_val), test=part(~is_val))
 
 
-def accuracies_on(
-    models: dict[str, torch.nn.Module], data: dict[str, TaskData], split: str
-) -> dict[str, float]:
-    return {t: evaluate(m, getattr(data[t], split))["accuracy"] for t, m in models.items()}
-
-
 def int8(
     bundle: Bundle, data: dict[str, TaskData], calibration: dict[str, list], splits: tuple[str, ...]
 ) -> tuple[dict[str, dict[str, float]], int]:
@@ -223,7 +218,7 @@ def int8(
 
     shapes = {t: tuple(bundle.info[t].input_shape) for t in bundle.tasks}
     result = quantize_tasks(bundle.models, "int8_static", shapes, calibration=calibration)
-    acc = {split: accuracies_on(result.models, data, split) for split in splits}
+    acc = {split: accuracies(result.models, data, split) for split in splits}
     return acc, data_bytes(result.stored_tensors())
 
 
@@ -457,14 +452,14 @@ def run(args: argparse.Namespace) -> None:
     }
     dense = copy.deepcopy(base)
     fit(dense.models, data, recovery, seed=s.seed, distill=distill)
-    refs = {split: accuracies_on(dense.models, data, split) for split in splits}
+    refs = {split: accuracies(dense.models, data, split) for split in splits}
     ref = refs["test"]
 
     def drop_pp(split: str, acc: dict[str, float]) -> float:
         return round(100 * sum(refs[split][t] - acc[t] for t in acc) / len(acc), 3)
 
     def record(method: str, setting: Any, bundle: Bundle, seconds: float) -> None:
-        measured = {split: accuracies_on(bundle.models, data, split) for split in splits}
+        measured = {split: accuracies(bundle.models, data, split) for split in splits}
         acc = measured["test"]
         t0 = time.perf_counter()
         row = {
@@ -625,6 +620,11 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], tasks: list
             + quantized
             + validated
         )
+    print_summary(summary)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The ratios at the drop limit per method and unit, and the targets, as ``summarise`` gives them."""
     for unit, result in summary.items():
         print(f"\ncompression ratio ({unit}) at <= {LIMIT_PP:g} pp mean drop (best measured / interpolated):")
         for method, value in result["methods"].items():
