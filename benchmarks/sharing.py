@@ -44,7 +44,9 @@ Int8 (``--no-int8`` to skip): every bundle, the dense reference too, then goes t
 each task's training images): shared weights are quantized once (batch norms after shared convs
 stay per-task affines; Hybrid layers run as an int8 shared layer plus their sparse deltas,
 values in int8 with one scale each, ``merge.branches``). Its ratio is the dense fp32 tensor
-bytes over the int8 program's tensor bytes, its drop against the same fp32 reference.
+bytes over the int8 program's tensor bytes, its drop against the same fp32 reference. The csv also
+gives ``cr_int8_xz``: the same over those tensors' safetensors file compressed by xz (lossless, as
+a download could be); it informs, it judges nothing.
 
 "CR at <= 1 pp": the largest measured ratio whose mean drop is at most 1 pp (``best``) and the
 ratio where the curve, anchored at (1x, 0 pp), crosses 1 pp, interpolated in log(ratio)
@@ -78,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import lzma
 import math
 import os
 import platform
@@ -90,6 +93,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
@@ -209,17 +213,25 @@ def split_validation(data: TaskData, per_class: int, seed: int) -> TaskData:
     return replace(data, val=part(is_val), test=part(~is_val))
 
 
+def xz_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the safetensors file of ``tensors`` compressed by xz (``lzma``, preset 9e): what a
+    general-purpose lossless coder adds to a format's own packing."""
+    packed = safetensors.torch.save({name: t.contiguous() for name, t in tensors.items()})
+    return len(lzma.compress(packed, preset=9 | lzma.PRESET_EXTREME))
+
+
 def int8(
     bundle: Bundle, data: dict[str, TaskData], calibration: dict[str, list], splits: tuple[str, ...]
-) -> tuple[dict[str, dict[str, float]], int]:
-    """Accuracy per split and task, and tensor bytes, of the bundle through Intel Neural
-    Compressor's static int8."""
+) -> tuple[dict[str, dict[str, float]], int, int]:
+    """Accuracy per split and task, tensor bytes, and those bytes under xz, of the bundle through
+    Intel Neural Compressor's static int8."""
     from jtucker_plugin.integrations.inc_quantize import quantize_tasks  # imports INC: seconds
 
     shapes = {t: tuple(bundle.info[t].input_shape) for t in bundle.tasks}
     result = quantize_tasks(bundle.models, "int8_static", shapes, calibration=calibration)
     acc = {split: accuracies(result.models, data, split) for split in splits}
-    return acc, data_bytes(result.stored_tensors())
+    tensors = result.stored_tensors()
+    return acc, data_bytes(tensors), xz_bytes(tensors)
 
 
 def _budget(fraction: float) -> Callable:
@@ -484,10 +496,12 @@ def run(args: argparse.Namespace) -> None:
                 mean_drop_val_pp=drop_pp("val", measured["val"]),
             )
         if args.int8:
-            acc8, bytes8 = int8(bundle, data, calibration, splits)
+            acc8, bytes8, xz8 = int8(bundle, data, calibration, splits)
             row.update(
                 cr_int8_bytes=round(dense_bytes / bytes8, 4),
                 int8_bytes=bytes8,
+                cr_int8_xz=round(dense_bytes / xz8, 4),
+                int8_xz_bytes=xz8,
                 **{f"acc_int8_{t}": round(a, 4) for t, a in acc8["test"].items()},
                 mean_drop_int8_pp=drop_pp("test", acc8["test"]),
                 int8_seconds=round(time.perf_counter() - t0),
